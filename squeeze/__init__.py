@@ -1,0 +1,14 @@
+"""squeeze: compile trained PyTorch checkpoints into the smallest self-describing artifact that still scores well.
+
+    blob = squeeze.compile(state_dict, squeeze.Recipe.load("recipes/int6-mixed.toml"))
+    tensors = squeeze.load(blob)           # or a path
+    report = squeeze.inspect(blob)         # where every byte went
+"""
+from .compiler import __version__, compile, compile_state_dict
+from .errors import CheckpointError, FormatError, RecipeError, SqueezeError
+from .inspect import inspect
+from .loader import load
+from .recipe import Recipe
+
+__all__ = ["compile", "compile_state_dict", "load", "inspect", "Recipe", "SqueezeError", "FormatError",
+           "RecipeError", "CheckpointError", "__version__"]

@@ -1,0 +1,12 @@
+"""raw: the bytes as they are (the codec a dense-packed section uses when nothing compresses it)."""
+ID, NAME = 0, "raw"
+DECODER_IMPORT = ""
+DECODER_EXPR = "lambda b,n:b"
+
+
+def encode(raw_bytes: bytes, params) -> bytes:
+    return bytes(raw_bytes)
+
+
+def decode(stored: bytes, raw_size: int) -> bytes:
+    return bytes(stored)

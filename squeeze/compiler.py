@@ -1,0 +1,80 @@
+"""compile: state dict + recipe -> artifact bytes (the library's `squeeze.compile`)."""
+import dataclasses
+
+import torch
+
+from . import codecs, format, pipeline
+from .dtypes import code_of
+from .errors import CheckpointError
+from .recipe import Recipe
+from .state import State, TensorEntry
+
+__version__ = "0.1.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileResult:
+    blob: bytes
+    state: State            # the final compiler state: plans, codes, sections, the pass log
+
+
+def entries_from_state_dict(state_dict: dict) -> tuple:
+    entries = []
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{name}: not a tensor ({type(t).__name__})")
+        try:
+            dtype = code_of(t.dtype)
+        except KeyError:
+            raise CheckpointError(f"{name}: dtype {t.dtype} is not supported") from None
+        if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise CheckpointError(f"{name}: {bad} NaN/Inf value(s); squeeze refuses to compile non-finite weights")
+        entries.append(TensorEntry(name=name, dtype=dtype, shape=tuple(t.shape), tensor=t.detach().cpu()))
+    return tuple(entries)
+
+
+def header_of(state: State) -> dict:
+    """The header object (docs/FORMAT.md, "Header") for a fully encoded state."""
+    where = {}  # (tensor, kind) -> [section, offset, length]
+    for i, s in enumerate(state.sections):
+        for tensor, kind, off, n in s.members:
+            where[(tensor, kind)] = [i, off, n]
+    tensors = []
+    for e in state.entries:
+        t = {"name": e.name, "shape": list(e.shape), "dtype": e.dtype, "role": e.role}
+        if e.alias_of is not None:
+            t.update({"alias": e.alias_of, "t": int(e.transposed)})
+        elif e.plan.scheme == "int":
+            q = e.plan.quant
+            t["q"] = {"bits": q.bits, "group": q.group, "pack": e.plan.pack, "sdtype": q.scale_dtype,
+                      "clip": q.describe_clip()}
+            t["codes"], t["scales"] = where[(e.name, "codes")], where[(e.name, "scales")]
+        else:
+            t.update({"store": e.plan.store, "data": where[(e.name, "data")]})
+        tensors.append(t)
+    sections = [{"name": s.name, "codec": s.codec, "size": len(s.stored), "raw": s.raw_size,
+                 "crc": format.crc32(s.stored), "shuffle": s.shuffle} for s in state.sections]
+    meta = {"producer": f"squeeze {__version__}", "recipe": state.recipe.name}
+    return {"sections": sections, "tensors": tensors, "meta": meta}
+
+
+def _write(state: State) -> bytes:
+    """Write with the header codec that gives the smallest file among those the sections already use (plus zlib,
+    which every decoder has for CRC-32), so the tiny decoder needs no extra codec for the header."""
+    header = header_of(state)
+    used = ["zlib"] + [s.codec for s in state.sections if s.codec != "zlib"]
+    blobs = [format.write(header, [s.stored for s in state.sections], c, state.recipe.encode.params)
+             for c in dict.fromkeys(used)]
+    return min(blobs, key=len)
+
+
+def compile_state_dict(state_dict: dict, recipe: Recipe | None = None, log=None) -> CompileResult:
+    state = State(entries=entries_from_state_dict(state_dict), recipe=recipe or Recipe())
+    state = pipeline.run(state, log=log)
+    return CompileResult(blob=_write(state), state=state)
+
+
+def compile(state_dict: dict, recipe: Recipe | None = None) -> bytes:
+    """Compile a state dict (name -> tensor) with a recipe (default: Recipe()) into artifact bytes."""
+    return compile_state_dict(state_dict, recipe).blob

@@ -1,0 +1,71 @@
+"""emit-decoder: a tiny standalone Python decoder (numpy + torch + the codecs an artifact uses).
+
+Users paste it into a script whose bytes count against a limit, so it is terse on purpose; it implements exactly the
+reconstruction of docs/FORMAT.md and the tests hold it bit-for-bit equal to squeeze.load on every codec and width.
+Each codec contributes its own import line and decode lambda (squeeze/codecs/*: DECODER_IMPORT, DECODER_EXPR).
+"""
+from . import codecs, format
+
+_TEMPLATE = '''\
+# squeeze tiny decoder, format 1.x: load(path) -> {name: tensor}
+import json,struct,zlib,numpy as np,torch%(imports)s
+D={%(codecs)s}
+C=%(ids)r
+T={"f32":(torch.float32,np.float32),"f16":(torch.float16,np.float16),"bf16":(torch.bfloat16,np.int16),\
+"f64":(torch.float64,np.float64),"i8":(torch.int8,np.int8),"i16":(torch.int16,np.int16),"i32":(torch.int32,np.int32),\
+"i64":(torch.int64,np.int64),"u8":(torch.uint8,np.uint8),"bool":(torch.bool,np.bool_)}
+def E(m):raise ValueError("squeeze: "+m)
+def X(c,b,n,w):
+ if c not in D:E("codec %%s not in this decoder"%%c)
+ o=D[c](b,n)
+ if len(o)!=n:E("bad %%s stream"%%c)
+ return np.frombuffer(o,np.uint8).reshape(w,-1).T.tobytes() if w>1 else o
+def A(b,c,s):
+ x=torch.from_numpy(np.frombuffer(b,T[c][1]).copy())
+ return(x.view(torch.bfloat16)if c=="bf16"else x).reshape(s)
+def load(p):
+ f=open(p,"rb").read()
+ m,v,_,c,_,h,r,k=struct.unpack_from("<4sBBBBIII",f)
+ if m!=b"SQZ\\0"or v!=1:E(p+": not a squeeze v1 artifact")
+ b=f[20:20+h]
+ if zlib.crc32(b)!=k:E(p+": header checksum mismatch")
+ H=json.loads(X(C[c],b,r,1));o=20+h;S=[]
+ for s in H["sections"]:
+  b=f[o:o+s["size"]];o+=s["size"]
+  if zlib.crc32(b)!=s["crc"]:E(p+": section %%s checksum mismatch"%%s["name"])
+  S.append(X(s["codec"],b,s["raw"],s["shuffle"]))
+ if o!=len(f):E(p+": bad length")
+ P=lambda r:S[r[0]][r[1]:r[1]+r[2]];R={}
+ for t in H["tensors"]:
+  s=t["shape"];d=T[t["dtype"]][0];N=int(np.prod(s))
+  if"alias"in t:continue
+  if"data"in t:R[t["name"]]=A(P(t["data"]),t["store"],s).to(d);continue
+  q=t["q"];n=q["bits"];g=q["group"];y=s[0]if len(s)>1 else 1;x=N//y;u=np.frombuffer(P(t["codes"]),np.uint8)
+  u=np.packbits(np.unpackbits(u,bitorder="little")[:N*n].reshape(N,n),1,bitorder="little")[:,0]\
+if q["pack"]=="dense"and n<8 else u[:N]
+  z=A(P(t["scales"]),q["sdtype"],(y,-1)).float();z=z[:,:1]if g==0 else z.repeat_interleave(g,1)[:,:x]
+  c=torch.from_numpy((u.astype(np.int16)-(1<<n-1)+1).astype(np.int8)).reshape(y,x)
+  R[t["name"]]=(c.float()*z).to(d).reshape(s)
+ return{t["name"]:(R[t["alias"]].t().contiguous()if t["t"]else R[t["alias"]])if"alias"in t else R[t["name"]]\
+for t in H["tensors"]}
+'''
+
+
+def emit(codec_names) -> str:
+    """Decoder source for artifacts whose header and sections use only `codec_names`."""
+    used = [m for m in codecs.BY_NAME.values() if m.NAME in set(codec_names)]
+    imports = "".join(f"\n{m.DECODER_IMPORT}" for m in used if m.DECODER_IMPORT)
+    table = ",".join(f'"{m.NAME}":{m.DECODER_EXPR}' for m in used)
+    ids = [m.NAME if m in used else "" for m in sorted(codecs.BY_NAME.values(), key=lambda m: m.ID)]
+    while ids and not ids[-1]:
+        ids.pop()
+    return _TEMPLATE % {"imports": imports, "codecs": table, "ids": ids}
+
+
+def codecs_used(art: format.Artifact) -> list:
+    return list(dict.fromkeys([art.header_codec] + [s["codec"] for s in art.sections]))
+
+
+def emit_for(path_or_bytes) -> str:
+    from .loader import read_artifact
+    return emit(codecs_used(read_artifact(path_or_bytes)))

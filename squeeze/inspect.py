@@ -1,0 +1,140 @@
+"""inspect: where every byte of an artifact went, per tensor, role and section. Totals equal the file size exactly.
+
+A section's stored bytes are shared among its parts in proportion to their decoded sizes (largest-remainder rounding,
+so the integers add up); the preamble and header are reported on their own rows.
+"""
+from dataclasses import asdict, dataclass, field
+
+from . import format
+from .loader import read_artifact
+
+
+@dataclass
+class TensorRow:
+    name: str
+    role: str
+    shape: list
+    dtype: str
+    scheme: str
+    codec: str
+    raw_bytes: int          # decoded bytes of its parts
+    bytes: int              # its share of the stored file
+    bits_per_weight: float
+    alias_of: str | None = None
+
+
+@dataclass
+class Report:
+    file_size: int
+    preamble_bytes: int
+    header_bytes: int
+    header_codec: str
+    params: int
+    bits_per_param: float
+    sections: list = field(default_factory=list)
+    tensors: list = field(default_factory=list)
+    roles: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def scheme_of(t: dict) -> str:
+    if "alias" in t:
+        return f"alias{'ᵀ' if t['t'] else ''} of {t['alias']}"
+    if "q" in t:
+        q = t["q"]
+        grain = "row" if q["group"] == 0 else f"g{q['group']}"
+        return f"int{q['bits']}/{grain} {q['clip']} {q['pack']}"
+    return t["store"] if t["store"] == t["dtype"] else f"{t['store']}←{t['dtype']}"
+
+
+def _apportion(total: int, weights: list) -> list:
+    """Integers proportional to weights summing exactly to total (largest remainder, ties to the earlier)."""
+    wsum = sum(weights)
+    if wsum == 0:
+        shares = [0] * len(weights)
+        if shares:
+            shares[0] = total
+        return shares
+    exact = [total * w / wsum for w in weights]
+    shares = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def inspect(path_or_bytes) -> Report:
+    art = read_artifact(path_or_bytes)
+    attributed, raw_of, codecs_of = {}, {}, {}
+    members = {}  # section -> [(tensor, raw length)]
+    for t in art.tensors:
+        for kind in ("data", "codes", "scales"):
+            if kind in t:
+                members.setdefault(t[kind][0], []).append((t["name"], t[kind][2]))
+    sections = []
+    for i, s in enumerate(art.sections):
+        rows = members.get(i, [])
+        for (name, n), share in zip(rows, _apportion(s["size"], [n for _, n in rows])):
+            attributed[name] = attributed.get(name, 0) + share
+            raw_of[name] = raw_of.get(name, 0) + n
+            codecs_of.setdefault(name, [])
+            if s["codec"] not in codecs_of[name]:
+                codecs_of[name].append(s["codec"])
+        sections.append({"index": i, "name": s["name"], "codec": s["codec"], "shuffle": s["shuffle"],
+                         "raw": s["raw"], "size": s["size"],
+                         "ratio": round(s["raw"] / s["size"], 3) if s["size"] else 0.0})
+    tensors, roles, params = [], {}, 0
+    for t in art.tensors:
+        numel = 1
+        for d in t["shape"]:
+            numel *= d
+        params += numel if "alias" not in t else 0
+        b = attributed.get(t["name"], 0)
+        tensors.append(TensorRow(name=t["name"], role=t["role"], shape=t["shape"], dtype=t["dtype"],
+                                 scheme=scheme_of(t), codec="+".join(codecs_of.get(t["name"], [])) or "-",
+                                 raw_bytes=raw_of.get(t["name"], 0), bytes=b,
+                                 bits_per_weight=round(8 * b / numel, 4) if numel and "alias" not in t else 0.0,
+                                 alias_of=t.get("alias")))
+        r = roles.setdefault(t["role"], {"tensors": 0, "params": 0, "bytes": 0})
+        r["tensors"] += 1
+        r["params"] += numel if "alias" not in t else 0
+        r["bytes"] += b
+    for r in roles.values():
+        r["bits_per_weight"] = round(8 * r["bytes"] / r["params"], 4) if r["params"] else 0.0
+    size = len(art.blob)
+    return Report(file_size=size, preamble_bytes=format.PREAMBLE.size, header_bytes=art.header_size,
+                  header_codec=art.header_codec, params=params,
+                  bits_per_param=round(8 * size / params, 4) if params else 0.0,
+                  sections=sections, tensors=tensors, roles=roles, meta=art.header.get("meta", {}))
+
+
+def render(report: Report) -> str:
+    """The human table: one row per tensor, then roles, sections and totals."""
+    rows = [("tensor", "role", "shape", "scheme", "codec", "bytes", "bits/w")]
+    for t in report.tensors:
+        rows.append((t.name, t.role, "×".join(map(str, t.shape)) or "scalar", t.scheme, t.codec,
+                     f"{t.bytes:,}", f"{t.bits_per_weight:.3f}" if t.alias_of is None else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = {5, 6}
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append("role        tensors      params        bytes   bits/w")
+    for role, r in sorted(report.roles.items()):
+        lines.append(f"{role:<10} {r['tensors']:>8} {r['params']:>11,} {r['bytes']:>12,} {r['bits_per_weight']:>8.3f}")
+    lines.append("")
+    lines.append("section                       codec   shuffle          raw       stored   ratio")
+    for s in report.sections:
+        lines.append(f"{s['name']:<29} {s['codec']:<7} {s['shuffle']:>7} {s['raw']:>12,} {s['size']:>12,} "
+                     f"{s['ratio']:>7.3f}")
+    lines.append("")
+    body = sum(s["size"] for s in report.sections)
+    lines.append(f"preamble {report.preamble_bytes:,} B + header {report.header_bytes:,} B ({report.header_codec}) "
+                 f"+ sections {body:,} B = {report.file_size:,} B")
+    lines.append(f"{report.params:,} parameters, {report.bits_per_param:.4f} bits/param overall; "
+                 f"recipe {report.meta.get('recipe', '?')}, {report.meta.get('producer', '?')}")
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""classify: give each tensor a role (embedding, attention, mlp, control, other) from its name and shape.
+
+Roles choose default routing (control tensors stay float), group tensors into sections (codes of one role share
+statistics, so they compress better together), and label inspect's report.
+"""
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from ..recipe import CONTROL_PATTERNS
+from ..state import State
+
+_EMBEDDING = re.compile(r"emb|wte|wpe|lm_head|(^|\.)output\.weight$")
+_ATTENTION = re.compile(r"attn|attention|(^|\.)(c_q|c_k|c_v|q_proj|k_proj|v_proj|o_proj|qkv|wq|wk|wv|wo)(\.|$)")
+_MLP = re.compile(r"mlp|ffn|feed_forward|(^|\.)(fc\d?|c_fc|c_proj|up_proj|down_proj|gate_proj|w[123])(\.|$)")
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    control_patterns: tuple = CONTROL_PATTERNS
+
+
+def role_of(name: str, shape, config: ClassifyConfig = ClassifyConfig()) -> str:
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if any(p in name for p in config.control_patterns) or numel == 1:
+        return "control"
+    for role, pattern in (("embedding", _EMBEDDING), ("attention", _ATTENTION), ("mlp", _MLP)):
+        if pattern.search(name):
+            return role
+    return "other"
+
+
+def run(state: State, config: ClassifyConfig = ClassifyConfig()) -> State:
+    entries = tuple(dataclasses.replace(e, role=role_of(e.name, e.shape, config)) for e in state.entries)
+    return dataclasses.replace(state, entries=entries)

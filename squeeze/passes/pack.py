@@ -1,0 +1,28 @@
+"""pack: every stored tensor becomes byte parts: `data` (float/raw), or `codes` + `scales` (quantized).
+
+Codes are written unsigned (u = q + 2^(N-1) - 1), one per byte or as dense N-bit fields (squeeze/packing.py).
+"""
+import dataclasses
+from dataclasses import dataclass
+
+from .. import packing
+from ..dtypes import tensor_to_bytes, torch_dtype
+from ..state import State
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    pass  # the layout is per tensor (plan.pack)
+
+
+def parts_of(e) -> tuple:
+    p = e.plan
+    if p.scheme == "int":
+        u = (e.codes.to("cpu").numpy().astype("int16") + packing.offset(p.quant.bits)).astype("uint8")
+        return (("codes", packing.pack(u, p.quant.bits, p.pack)), ("scales", tensor_to_bytes(e.scales)))
+    return (("data", tensor_to_bytes(e.tensor.to(torch_dtype(p.store)))),)
+
+
+def run(state: State, config: PackConfig = PackConfig()) -> State:
+    entries = tuple(e if e.alias_of else dataclasses.replace(e, parts=parts_of(e)) for e in state.entries)
+    return dataclasses.replace(state, entries=entries)

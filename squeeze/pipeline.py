@@ -1,0 +1,33 @@
+"""The pass pipeline: runs tie -> classify -> plan -> quantize -> pack -> encode and records what each did."""
+import dataclasses
+import time
+
+from .passes import classify, encode, pack, plan, quantize, tie
+from .recipe import Recipe
+from .state import PassRecord, State
+
+
+def passes_for(recipe: Recipe) -> list:
+    """(name, run, config) for each pass, configs derived from the recipe."""
+    enc = recipe.encode
+    return [
+        ("tie", tie.run, tie.TieConfig()),
+        ("classify", classify.run, classify.ClassifyConfig(control_patterns=recipe.keep_float.control_patterns)),
+        ("plan", plan.run, plan.PlanConfig(recipe=recipe)),
+        ("quantize", quantize.run, quantize.QuantizeConfig()),
+        ("pack", pack.run, pack.PackConfig()),
+        ("encode", encode.run, encode.EncodeConfig(group_by=enc.group_by, candidates=enc.candidates,
+                                                   shuffle=enc.shuffle, params=enc.params)),
+    ]
+
+
+def run(state: State, log=None) -> State:
+    """Run every pass; `log` (a callable taking a PassRecord) sees each as it finishes (the CLI's --verbose)."""
+    for name, fn, config in passes_for(state.recipe):
+        before, t0 = state.nbytes(), time.perf_counter()
+        state = fn(state, config)
+        record = PassRecord(name=name, seconds=time.perf_counter() - t0, bytes_in=before, bytes_out=state.nbytes())
+        state = dataclasses.replace(state, log=state.log + (record,))
+        if log is not None:
+            log(record)
+    return state

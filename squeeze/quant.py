@@ -1,0 +1,140 @@
+"""The quantizer: symmetric int-N codes with per-row or per-group scales (docs/FORMAT.md, "Quantized").
+
+One implementation, several callers: the `quantize` pass, the loader's reconstruction and (later) QAT fake-quant all
+call these functions, so what is trained, what is exported and what is decoded cannot drift apart.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .dtypes import torch_dtype
+
+CLIP_METHODS = ("absmax", "percentile", "std", "mse")
+_QUANTILE_MAX_ELEMENTS = 1 << 24  # torch.quantile refuses larger inputs
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. `clip_value` is the percentile (0–100] for "percentile" and k for "std"."""
+    bits: int = 8
+    group: int = 0            # 0: one scale per row; G > 0: one scale per G consecutive elements of a row
+    clip: str = "absmax"
+    clip_value: float = 0.0
+    mse_grid: int = 32        # candidate clips tried by "mse", from absmax down to mse_min_ratio·absmax
+    mse_min_ratio: float = 0.3
+    scale_dtype: str = "f16"
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def describe_clip(self) -> str:
+        if self.clip in ("percentile", "std"):
+            return f"{self.clip}:{self.clip_value:g}"
+        return self.clip
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """The [R, C] matrix view of a tensor: rows are the first dim; 0-D and 1-D tensors are one row."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if len(shape) < 2:
+        return 1, numel
+    rows = int(shape[0])
+    return rows, (numel // rows if rows else 0)
+
+
+def n_groups(cols: int, group: int) -> int:
+    return 1 if group == 0 else -(-cols // group)
+
+
+def _grouped(w: torch.Tensor, group: int) -> list[torch.Tensor]:
+    """Split a [R, C] matrix into [R, g, G]-shaped blocks whose last dim is one scale group."""
+    if group == 0 or group >= w.shape[1]:
+        return [w[:, None, :]]
+    full = (w.shape[1] // group) * group
+    blocks = [w[:, :full].reshape(w.shape[0], -1, group)] if full else []
+    if full < w.shape[1]:
+        blocks.append(w[:, None, full:])  # the shorter last group of each row
+    return blocks
+
+
+def _per_group(w: torch.Tensor, group: int, stat) -> torch.Tensor:
+    """A statistic over each scale group: [R, n_groups]."""
+    return torch.cat([stat(b) for b in _grouped(w, group)], dim=1)
+
+
+def _quantile(b: torch.Tensor, q: float) -> torch.Tensor:
+    flat = b.abs().reshape(-1, b.shape[-1])
+    step = max(1, _QUANTILE_MAX_ELEMENTS // max(1, flat.shape[1]))
+    parts = [torch.quantile(flat[i:i + step], q, dim=1) for i in range(0, flat.shape[0], step)]
+    return torch.cat(parts).reshape(b.shape[:-1])
+
+
+def _expand(per_group: torch.Tensor, group: int, cols: int) -> torch.Tensor:
+    """Broadcast [R, n_groups] values to [R, C]."""
+    if group == 0:
+        return per_group[:, :1]
+    return per_group.repeat_interleave(group, dim=1)[:, :cols]
+
+
+def _round_scales(scale: torch.Tensor, spec: QuantSpec, name: str) -> torch.Tensor:
+    """Scales in their stored dtype; a zero scale (all-zero group) becomes 1 so that codes are 0, not NaN."""
+    sdt = torch_dtype(spec.scale_dtype)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if spec.scale_dtype != "f32":
+        tiny = torch.finfo(sdt).tiny if spec.scale_dtype == "bf16" else 2.0 ** -24  # smallest positive value
+        scale = scale.clamp(min=tiny)
+    stored = scale.to(sdt)
+    if not torch.isfinite(stored).all():
+        raise ValueError(f"{name}: a scale exceeds the range of {spec.scale_dtype}; use scale_dtype = \"f32\"")
+    return stored
+
+
+def _codes(w: torch.Tensor, scale_full: torch.Tensor, qmax: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale_full), -qmax, qmax)
+
+
+def choose_clip(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per-group clip value [R, n_groups] by the spec's method (the "mse" search is done in `quantize`)."""
+    if spec.clip == "percentile":
+        return _per_group(w, spec.group, lambda b: _quantile(b, spec.clip_value / 100.0))
+    if spec.clip == "std":
+        return spec.clip_value * _per_group(w, spec.group, lambda b: b.std(dim=-1, correction=0))
+    return _per_group(w, spec.group, lambda b: b.abs().amax(dim=-1))
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a float tensor. Returns (codes int8 [R, C], scales [R, n_groups] in spec.scale_dtype).
+
+    Codes are computed against the *stored* (rounded) scales, so decoding reproduces exactly what was chosen here.
+    """
+    rows, cols = matrix_shape(w.shape)
+    w2 = w.detach().reshape(rows, cols).to(torch.float32)
+    if spec.clip != "mse":
+        scales = _round_scales(choose_clip(w2, spec) / spec.qmax, spec, name)
+        return _codes(w2, _expand(scales.float(), spec.group, cols), spec.qmax).to(torch.int8), scales
+    # MSE search: for each group keep the candidate clip whose reconstruction error is smallest.
+    absmax = _per_group(w2, spec.group, lambda b: b.abs().amax(dim=-1))
+    best_err = best_scales = None
+    for ratio in torch.linspace(1.0, spec.mse_min_ratio, spec.mse_grid).tolist():
+        scales = _round_scales(absmax * ratio / spec.qmax, spec, name)
+        s_full = _expand(scales.float(), spec.group, cols)
+        err = (_codes(w2, s_full, spec.qmax) * s_full - w2).square()
+        err = _per_group(err, spec.group, lambda b: b.sum(dim=-1))
+        if best_err is None:
+            best_err, best_scales = err, scales
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scales = torch.where(better, scales, best_scales)
+    codes = _codes(w2, _expand(best_scales.float(), spec.group, cols), spec.qmax)
+    return codes.to(torch.int8), best_scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """w = float32(q) * float32(scale), cast to dtype, reshaped (docs/FORMAT.md reconstruction rule)."""
+    cols = codes.shape[1]
+    w = codes.to(torch.float32) * _expand(scales.to(torch.float32).reshape(codes.shape[0], -1), group, cols)
+    return w.to(dtype).reshape(tuple(shape))

@@ -1,0 +1,91 @@
+"""The compiler's one data structure: an ordered list of TensorEntry plus what the passes have produced.
+
+Passes never mutate a State; they return a new one (dataclasses.replace), so each pass is a pure function
+State -> State and the pipeline can record what each one did.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from .recipe import Recipe
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one stored tensor will be written (set by the `plan` pass)."""
+    scheme: str                 # "int" (quantized), "float" (cast to store dtype), "raw" (bytes as they are)
+    store: str = ""             # dtype code for "float"/"raw"
+    quant: object = None        # QuantSpec for "int"
+    pack: str = "byte"          # "byte" | "dense" (int only)
+    codec: str = "auto"
+    reason: str = ""            # which rule or routing chose this, for inspect
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str                              # original dtype code
+    shape: tuple
+    tensor: torch.Tensor | None = None      # the original values (None for aliases)
+    role: str = "other"
+    alias_of: str | None = None             # set by `tie`
+    transposed: bool = False
+    plan: Plan | None = None
+    codes: torch.Tensor | None = None       # int8 [R, C], set by `quantize`
+    scales: torch.Tensor | None = None
+    parts: tuple = ()                       # ((kind, bytes), ...), set by `pack`; kinds: data | codes | scales
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+
+@dataclass(frozen=True)
+class Section:
+    """One compressed section of the artifact (set by `encode`)."""
+    name: str
+    codec: str
+    shuffle: int
+    raw_size: int
+    stored: bytes
+    members: tuple              # ((tensor name, kind, offset, length), ...) in the decoded section
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    name: str
+    seconds: float
+    bytes_in: int
+    bytes_out: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class State:
+    entries: tuple
+    recipe: Recipe = field(default_factory=Recipe)
+    sections: tuple = ()
+    log: tuple = ()
+
+    def stored_entries(self):
+        return [e for e in self.entries if e.alias_of is None]
+
+    def nbytes(self) -> int:
+        """Bytes the current representation would take: what each pass's 'bytes out' reports."""
+        if self.sections:
+            return sum(len(s.stored) for s in self.sections)
+        total = 0
+        for e in self.stored_entries():
+            if e.parts:
+                total += sum(len(b) for _, b in e.parts)
+            elif e.codes is not None:
+                total += e.codes.numel() + e.scales.numel() * e.scales.element_size()
+            elif e.tensor is not None:
+                total += e.tensor.numel() * e.tensor.element_size()
+        return total
+
+    def entry(self, name: str) -> TensorEntry:
+        return next(e for e in self.entries if e.name == name)
