@@ -23,6 +23,7 @@ class QuantSpec:
     mse_grid: int = 32        # candidate clips tried by "mse", from absmax down to mse_min_ratio·absmax
     mse_min_ratio: float = 0.3
     scale_dtype: str = "f16"
+    scale_min: float = 0.0    # floor on scales (the challenge baseline floors int8 scales at 1/127)
 
     @property
     def qmax(self) -> int:
@@ -82,6 +83,7 @@ def _expand(per_group: torch.Tensor, group: int, cols: int) -> torch.Tensor:
 def _round_scales(scale: torch.Tensor, spec: QuantSpec, name: str) -> torch.Tensor:
     """Scales in their stored dtype; a zero scale (all-zero group) becomes 1 so that codes are 0, not NaN."""
     sdt = torch_dtype(spec.scale_dtype)
+    scale = scale.clamp(min=spec.scale_min)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if spec.scale_dtype != "f32":
         tiny = torch.finfo(sdt).tiny if spec.scale_dtype == "bf16" else 2.0 ** -24  # smallest positive value

@@ -46,6 +46,7 @@ class TensorSettings:
     clip_std_k: float = 12.85
     mse_grid: int = 32
     scale_dtype: str = "f16"
+    scale_min: float = 0.0         # floor on scales; the challenge baseline uses 1/127 for int8
     float_dtype: str = "f16"       # f16 | bf16 | f32 | keep
     pack: str = "auto"             # auto | byte | dense ("auto": dense only when the codec is raw)
     codec: str = "auto"            # a codec name, or "auto": the smallest of [encode].candidates
@@ -53,7 +54,7 @@ class TensorSettings:
     def quant_spec(self) -> QuantSpec:
         value = {"percentile": self.clip_percentile, "std": self.clip_std_k}.get(self.clip, 0.0)
         return QuantSpec(bits=self.bits, group=self.group_size, clip=self.clip, clip_value=value,
-                         mse_grid=self.mse_grid, scale_dtype=self.scale_dtype)
+                         mse_grid=self.mse_grid, scale_dtype=self.scale_dtype, scale_min=self.scale_min)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,8 @@ def _check_setting(chk: _Checker, table: str, key: str, value, index: int = 0):
         bad("clip_percentile must be in (0, 100]")
     if key == "clip_std_k" and not value > 0:
         bad("clip_std_k must be positive")
+    if key == "scale_min" and not value >= 0:
+        bad("scale_min must be >= 0")
     if key == "mse_grid" and not 1 <= value <= 1024:
         bad("mse_grid must be 1..1024")
     if key == "scale_dtype":
