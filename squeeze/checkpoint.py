@@ -37,7 +37,9 @@ def load_checkpoint(path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        # torch names the class it refused ("Unsupported global: GLOBAL argparse.Namespace"); any other failure
+        # (not a pickle, not a zip, truncated) is a file that is simply not a checkpoint.
+        if "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path}: refused, it needs unpickling of arbitrary objects, which is unsafe; re-save only the "
                 f"tensors: torch.save(model.state_dict(), path)") from None

@@ -63,6 +63,7 @@ def emit(codec_names) -> str:
 
 
 def codecs_used(art: format.Artifact) -> list:
+    art.check_crcs()  # refuse to emit a decoder for a damaged artifact
     return list(dict.fromkeys([art.header_codec] + [s["codec"] for s in art.sections]))
 
 

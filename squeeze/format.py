@@ -41,6 +41,7 @@ class Artifact:
     header_size: int
     data_start: int
     offsets: list
+    source: str = "artifact"
     _decoded: dict = field(default_factory=dict)
 
     @property
@@ -54,12 +55,18 @@ class Artifact:
     def section(self, i: int) -> bytes:
         if i not in self._decoded:
             s = self.sections[i]
-            what = f"section {i} ({s['name']})"
+            what = f"{self.source}: section {i} ({s['name']})"
             stored = self.blob[self.offsets[i]: self.offsets[i] + s["size"]]
             if crc32(stored) != s["crc"]:
                 raise FormatError(f"{what}: checksum mismatch (the file is damaged)")
             self._decoded[i] = unshuffle(codecs.decode(s["codec"], stored, s["raw"], what), s["shuffle"])
         return self._decoded[i]
+
+    def check_crcs(self):
+        """Check every section's CRC without decoding it (what inspect does)."""
+        for i, s in enumerate(self.sections):
+            if crc32(self.blob[self.offsets[i]: self.offsets[i] + s["size"]]) != s["crc"]:
+                raise FormatError(f"{self.source}: section {i} ({s['name']}): checksum mismatch (the file is damaged)")
 
     def part(self, ref) -> bytes:
         i, off, n = ref
@@ -95,7 +102,7 @@ def read(blob: bytes, source: str = "artifact") -> Artifact:
     offsets = _check_sections(header, len(blob), data_start, source)
     _check_tensors(header, source)
     return Artifact(blob=blob, header=header, header_codec=codec, header_size=h_size, data_start=data_start,
-                    offsets=offsets)
+                    offsets=offsets, source=source)
 
 
 def _is_int(v, lo=0, hi=None) -> bool:

@@ -68,6 +68,7 @@ def _apportion(total: int, weights: list) -> list:
 
 def inspect(path_or_bytes) -> Report:
     art = read_artifact(path_or_bytes)
+    art.check_crcs()
     attributed, raw_of, codecs_of = {}, {}, {}
     members = {}  # section -> [(tensor, raw length)]
     for t in art.tensors:
