@@ -1,0 +1,135 @@
+"""Each pass on the fixture: tie, classify, plan, quantize, pack, encode, and the pipeline's log."""
+import dataclasses
+
+import torch
+
+import squeeze
+from squeeze import compiler, pipeline, quant
+from squeeze.codecs import EncodeParams
+from squeeze.passes import classify, encode, pack, plan, quantize, tie
+from squeeze.recipe import parse
+from squeeze.state import State
+
+from conftest import RECIPES, bitwise_equal
+
+
+def state_of(sd, recipe=None):
+    return State(entries=compiler.entries_from_state_dict(sd), recipe=recipe or squeeze.Recipe())
+
+
+def run_until(sd, last, recipe=None):
+    state = state_of(sd, recipe)
+    for name, fn, config in pipeline.passes_for(state.recipe):
+        state = fn(state, config)
+        if name == last:
+            return state
+
+
+def test_tie_finds_shared_identical_and_transposed(fixture_small):
+    sd = dict(fixture_small)
+    emb = sd["tok_emb.weight"]
+    sd["lm_head.weight"] = emb                                   # shared storage (tied head)
+    sd["copy.weight"] = emb.clone()                              # bit-identical copy (safetensors-style)
+    sd["emb_t.weight"] = emb.t().contiguous()                    # transposed copy
+    sd["near.weight"] = emb.clone()
+    sd["near.weight"][0, 0] += 1                                 # one element differs: stored
+    state = tie.run(state_of(sd))
+    alias = {e.name: (e.alias_of, e.transposed) for e in state.entries if e.alias_of}
+    assert alias == {"lm_head.weight": ("tok_emb.weight", False), "copy.weight": ("tok_emb.weight", False),
+                     "emb_t.weight": ("tok_emb.weight", True)}
+    out = squeeze.load(squeeze.compile(sd))
+    assert bitwise_equal(out["emb_t.weight"], out["tok_emb.weight"].t().contiguous())
+    assert not torch.equal(out["near.weight"], out["tok_emb.weight"])
+
+
+def test_tie_respects_config(fixture_small):
+    sd = dict(fixture_small, **{"copy.weight": fixture_small["tok_emb.weight"].clone()})
+    state = tie.run(state_of(sd), tie.TieConfig(identical=False))
+    assert all(e.alias_of is None for e in state.entries)
+
+
+def test_classify_roles_on_fixture_names(fixture_sd):
+    roles = {e.name: e.role for e in classify.run(state_of(fixture_sd)).entries}
+    assert roles["tok_emb.weight"] == "embedding"
+    for i in range(4):
+        for m in ("c_q", "c_k", "c_v", "proj"):
+            assert roles[f"blocks.{i}.attn.{m}.weight"] == "attention"
+        assert roles[f"blocks.{i}.mlp.fc.weight"] == roles[f"blocks.{i}.mlp.proj.weight"] == "mlp"
+        for c in ("attn_scale", "mlp_scale", "resid_mix", "attn.q_gain"):
+            assert roles[f"blocks.{i}.{c}"] == "control"
+    assert roles["skip_weights"] == "control"
+    assert classify.role_of("decoder.norm.weight", (256,)) == "other"
+    assert classify.role_of("model.layers.0.self_attn.q_proj.weight", (8, 8)) == "attention"
+    assert classify.role_of("model.layers.0.mlp.down_proj.weight", (8, 8)) == "mlp"
+
+
+def test_plan_follows_the_baseline_routing(fixture_sd):
+    recipe = squeeze.Recipe.load(RECIPES / "int8-baseline.toml")
+    plans = {e.name: e.plan for e in run_until(fixture_sd, "plan", recipe).entries}
+    assert plans["blocks.0.attn_scale"].scheme == "float" and plans["blocks.0.attn_scale"].store == "f32"
+    # dim 256: c_k is 128×256 and c_q 256×256 = 65,536 elements, both within the baseline's keep-float limit
+    assert (plans["blocks.0.attn.c_k.weight"].scheme, plans["blocks.0.attn.c_k.weight"].store) == ("float", "f16")
+    assert plans["blocks.0.attn.c_q.weight"].scheme == "float"
+    assert plans["blocks.0.mlp.fc.weight"].quant.bits == 8
+    assert plans["tok_emb.weight"].pack == "byte"
+
+
+def test_quantize_and_pack_reconstruct_what_load_returns(fixture_sd):
+    state = run_until(fixture_sd, "pack", squeeze.Recipe())
+    out = squeeze.load(squeeze.compile(fixture_sd))
+    for e in state.stored_entries():
+        if e.plan.scheme == "int":
+            w_hat = quant.dequantize(e.codes, e.scales, e.plan.quant.group, e.tensor.dtype, e.shape)
+            assert bitwise_equal(out[e.name], w_hat), e.name
+            assert len(dict(e.parts)["codes"]) == e.numel  # byte layout for brotli
+        else:
+            stored = e.tensor.to(getattr(torch, {"f16": "float16", "f32": "float32"}[e.plan.store]))
+            assert bitwise_equal(out[e.name], stored.to(e.tensor.dtype)), e.name
+
+
+def test_dense_pack_sizes(fixture_small):
+    recipe = parse('[defaults]\nbits=5\npack="dense"\ncodec="raw"\n', "t.toml")
+    state = run_until(fixture_small, "pack", recipe)
+    e = next(e for e in state.entries if e.name == "tok_emb.weight")
+    assert len(dict(e.parts)["codes"]) == e.numel * 5 // 8
+
+
+def test_encode_auto_keeps_the_smallest_candidate(fixture_small):
+    state = run_until(fixture_small, "pack", parse('[defaults]\nbits=6\n', "t.toml"))
+    fast = EncodeParams(zstd_level=3, brotli_quality=5, lzma_preset=1, lzma_extreme=False)
+    auto = encode.run(state, encode.EncodeConfig(params=fast))
+    for name in ("zlib", "zstd", "brotli", "lzma"):
+        single = encode.run(state, encode.EncodeConfig(candidates=(name,), params=fast, shuffle="off"))
+        for a, s in zip(auto.sections, single.sections):
+            assert a.name == s.name and len(a.stored) <= len(s.stored)
+
+
+def test_encode_groups_by_role(fixture_sd):
+    # the fixture's attention matrices have <= 65,536 elements, so quantize them explicitly
+    recipe = parse('[defaults]\nbits = 6\n[keep_float]\nmax_numel = 4096\n[encode]\ncodec = "brotli"\n', "r.toml")
+    state = run_until(fixture_sd, "encode", recipe)
+    names = [s.name for s in state.sections]
+    assert {"embedding.codes", "attention.codes", "mlp.codes", "scales.f16"} <= set(names)
+    assert all(e.role in s.name for s in state.sections if s.name.endswith(".codes")
+               for e in map(state.entry, (m[0] for m in s.members)))
+    per_tensor = encode.run(run_until(fixture_sd, "pack", recipe),
+                            encode.EncodeConfig(group_by="tensor", candidates=("brotli",)))
+    grouped = sum(len(s.stored) for s in state.sections)
+    assert sum(len(s.stored) for s in per_tensor.sections) > grouped  # grouping compresses better
+
+
+def test_pipeline_log_records_each_pass(fixture_small):
+    state = pipeline.run(state_of(fixture_small))
+    assert [r.name for r in state.log] == ["tie", "classify", "plan", "quantize", "pack", "encode"]
+    assert state.log[0].bytes_in == sum(t.numel() * t.element_size() for t in fixture_small.values())
+    assert state.log[-1].bytes_out == sum(len(s.stored) for s in state.sections) < state.log[0].bytes_in
+    assert all(r.seconds >= 0 for r in state.log)
+
+
+def test_passes_do_not_mutate_their_input(fixture_small):
+    before = state_of(fixture_small)
+    snapshot = dataclasses.replace(before)
+    for _, fn, config in pipeline.passes_for(before.recipe)[:5]:
+        after = fn(before, config)
+        assert before == snapshot and after is not before
+        before = snapshot = after
