@@ -61,9 +61,10 @@ def header_of(state: State) -> dict:
 
 def _write(state: State) -> bytes:
     """Write with the header codec that gives the smallest file among those the sections already use (plus zlib,
-    which every decoder has for CRC-32), so the tiny decoder needs no extra codec for the header."""
+    which every decoder has for CRC-32), so the tiny decoder needs no extra codec for the header. Layout-aware codecs
+    (rans) code sections only."""
     header = header_of(state)
-    used = ["zlib"] + [s.codec for s in state.sections if s.codec != "zlib"]
+    used = ["zlib"] + [s.codec for s in state.sections if not codecs.uses_layout(s.codec)]
     blobs = [format.write(header, [s.stored for s in state.sections], c, state.recipe.encode.params)
              for c in dict.fromkeys(used)]
     return min(blobs, key=len)

@@ -2,7 +2,9 @@
 
 Users paste it into a script whose bytes count against a limit, so it is terse on purpose; it implements exactly the
 reconstruction of docs/FORMAT.md and the tests hold it bit-for-bit equal to squeeze.load on every codec and width.
-Each codec contributes its own import line and decode lambda (squeeze/codecs/*: DECODER_IMPORT, DECODER_EXPR).
+Each codec contributes its own import line and decode lambda (squeeze/codecs/*: DECODER_IMPORT, DECODER_EXPR);
+a codec that needs a loop and the section layout (rans) also contributes DECODER_DEF, which defines V(header) ->
+{section: parts} for the layout, replacing the no-op V of the template; only artifacts that use it pay its bytes.
 """
 from . import codecs, format
 
@@ -11,13 +13,14 @@ _TEMPLATE = '''\
 import json,struct,zlib,numpy as np,torch%(imports)s
 D={%(codecs)s}
 C=%(ids)r
+V=lambda H:{}
 T={"f32":(torch.float32,np.float32),"f16":(torch.float16,np.float16),"bf16":(torch.bfloat16,np.int16),\
 "f64":(torch.float64,np.float64),"i8":(torch.int8,np.int8),"i16":(torch.int16,np.int16),"i32":(torch.int32,np.int32),\
 "i64":(torch.int64,np.int64),"u8":(torch.uint8,np.uint8),"bool":(torch.bool,np.bool_)}
 def E(m):raise ValueError("squeeze: "+m)
-def X(c,b,n,w):
+def X(c,b,n,w,l=None):
  if c not in D:E("codec %%s not in this decoder"%%c)
- o=D[c](b,n)
+ o=D[c](b,n,l if w<2 else[(1,n)])
  if len(o)!=n:E("bad %%s stream"%%c)
  return np.frombuffer(o,np.uint8).reshape(w,-1).T.tobytes() if w>1 else o
 def A(b,c,s):
@@ -29,11 +32,11 @@ def load(p):
  if m!=b"SQZ\\0"or v!=1:E(p+": not a squeeze v1 artifact")
  b=f[20:20+h]
  if zlib.crc32(b)!=k:E(p+": header checksum mismatch")
- H=json.loads(X(C[c],b,r,1));o=20+h;S=[]
- for s in H["sections"]:
+ H=json.loads(X(C[c],b,r,1));o=20+h;S=[];Y=V(H)
+ for i,s in enumerate(H["sections"]):
   b=f[o:o+s["size"]];o+=s["size"]
   if zlib.crc32(b)!=s["crc"]:E(p+": section %%s checksum mismatch"%%s["name"])
-  S.append(X(s["codec"],b,s["raw"],s["shuffle"]))
+  S.append(X(s["codec"],b,s["raw"],s["shuffle"],[m[3]for m in sorted(Y.get(i,[]))]))
  if o!=len(f):E(p+": bad length")
  P=lambda r:S[r[0]][r[1]:r[1]+r[2]];R={}
  for t in H["tensors"]:
@@ -50,16 +53,20 @@ if q["pack"]=="dense"and n<8 else u[:N]
 for t in H["tensors"]}
 '''
 
-
 def emit(codec_names) -> str:
     """Decoder source for artifacts whose header and sections use only `codec_names`."""
     used = [m for m in codecs.BY_NAME.values() if m.NAME in set(codec_names)]
     imports = "".join(f"\n{m.DECODER_IMPORT}" for m in used if m.DECODER_IMPORT)
     table = ",".join(f'"{m.NAME}":{m.DECODER_EXPR}' for m in used)
-    ids = [m.NAME if m in used else "" for m in sorted(codecs.BY_NAME.values(), key=lambda m: m.ID)]
+    ids = [m.NAME if m in used and not getattr(m, "USES_LAYOUT", False) else ""
+           for m in sorted(codecs.BY_NAME.values(), key=lambda m: m.ID)]
     while ids and not ids[-1]:
         ids.pop()
-    return _TEMPLATE % {"imports": imports, "codecs": table, "ids": ids}
+    source = _TEMPLATE % {"imports": imports, "codecs": table, "ids": ids}
+    defs = "".join(getattr(m, "DECODER_DEF", "") for m in used)
+    if defs:  # a layout-aware codec's definitions include the real V
+        source = source.replace("V=lambda H:{}\n", "") + defs
+    return source
 
 
 def codecs_used(art: format.Artifact) -> list:

@@ -11,7 +11,7 @@ from .errors import FormatError
 from .quant import matrix_shape, n_groups
 
 MAGIC = b"SQZ\x00"
-VERSION = (1, 0)
+VERSION = (1, 1)
 PREAMBLE = struct.Struct("<4sBBBBIII")   # magic, major, minor, header codec id, reserved, size, raw size, crc
 MAX_HEADER_RAW = 16 << 20
 MAX_SECTION_RAW = (1 << 32) - 1
@@ -41,6 +41,7 @@ class Artifact:
     header_size: int
     data_start: int
     offsets: list
+    layouts: list             # per section: [(rows, cols), ...] of its parts (docs/FORMAT.md, "The section layout")
     source: str = "artifact"
     _decoded: dict = field(default_factory=dict)
 
@@ -59,7 +60,8 @@ class Artifact:
             stored = self.blob[self.offsets[i]: self.offsets[i] + s["size"]]
             if crc32(stored) != s["crc"]:
                 raise FormatError(f"{what}: checksum mismatch (the file is damaged)")
-            self._decoded[i] = unshuffle(codecs.decode(s["codec"], stored, s["raw"], what), s["shuffle"])
+            raw = codecs.decode(s["codec"], stored, s["raw"], what, self.layouts[i])
+            self._decoded[i] = unshuffle(raw, s["shuffle"])
         return self._decoded[i]
 
     def check_crcs(self):
@@ -100,9 +102,9 @@ def read(blob: bytes, source: str = "artifact") -> Artifact:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{source}: header: not valid JSON ({e})") from None
     offsets = _check_sections(header, len(blob), data_start, source)
-    _check_tensors(header, source)
+    layouts = _check_tensors(header, source)
     return Artifact(blob=blob, header=header, header_codec=codec, header_size=h_size, data_start=data_start,
-                    offsets=offsets, source=source)
+                    offsets=offsets, layouts=layouts, source=source)
 
 
 def _is_int(v, lo=0, hi=None) -> bool:
@@ -149,7 +151,15 @@ def expected_part_sizes(t: dict) -> dict:
     return {}
 
 
-def _check_tensors(header: dict, source: str):
+def part_matrix(kind: str, shape, pack: str | None, length: int) -> tuple[int, int]:
+    """How a layout-aware codec sees one part: the [R, C] matrix of a byte-per-code `codes` part, else one row."""
+    if kind == "codes" and pack == "byte":
+        return matrix_shape(shape)
+    return 1, length
+
+
+def _check_tensors(header: dict, source: str) -> list:
+    """Check every tensor entry and the tiling of sections; return each section's layout."""
     names, stored, tiles = set(), set(), {}
     n_sections = len(header["sections"])
     for t in header["tensors"]:
@@ -195,15 +205,21 @@ def _check_tensors(header: dict, source: str):
                 raise FormatError(f"{what}: invalid {kind} reference {ref!r}")
             if ref[2] != sizes[kind]:
                 raise FormatError(f"{what}: {kind} is {ref[2]} bytes, its shape and scheme imply {sizes[kind]}")
-            tiles.setdefault(ref[0], []).append((ref[1], ref[2], t["name"]))
+            pack = t["q"]["pack"] if kind == "codes" else None
+            tiles.setdefault(ref[0], []).append((ref[1], ref[2], t["name"],
+                                                 part_matrix(kind, shape, pack, ref[2])))
     for t in header["tensors"]:
         if "alias" in t and t["alias"] not in stored:
             raise FormatError(f"{source}: tensor {t['name']}: alias target {t['alias']!r} is not a stored tensor")
+    layouts = []
     for i, s in enumerate(header["sections"]):
-        pos = 0
-        for off, n, name in sorted(tiles.get(i, [])):
+        pos, layout = 0, []
+        for off, n, name, matrix in sorted(tiles.get(i, [])):
             if off != pos:
                 raise FormatError(f"{source}: section {i} ({s['name']}): parts leave a hole or overlap at {name}")
             pos += n
+            layout.append(matrix)
         if pos != s["raw"]:
             raise FormatError(f"{source}: section {i} ({s['name']}): parts cover {pos} of {s['raw']} bytes")
+        layouts.append(layout if s["shuffle"] == 1 else [(1, s["raw"])])
+    return layouts

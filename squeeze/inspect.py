@@ -1,11 +1,17 @@
 """inspect: where every byte of an artifact went, per tensor, role and section. Totals equal the file size exactly.
 
 A section's stored bytes are shared among its parts in proportion to their decoded sizes (largest-remainder rounding,
-so the integers add up); the preamble and header are reported on their own rows.
+so the integers add up); in a rans section, the coded bytes in proportion to each part's coded bits and the overhead
+(stream header, tables, lane states) in proportion to decoded sizes. The preamble and header have rows of their own.
+Beside each quantized tensor stands the order-0 entropy of its codes: the size an ideal coder with one table for the
+tensor would reach, so the coded bytes show how far the codec is from it (or, with contexts, below it).
 """
 from dataclasses import asdict, dataclass, field
 
-from . import format
+import numpy as np
+
+from . import codecs, format
+from .codecs import rans
 from .loader import read_artifact
 
 
@@ -21,6 +27,9 @@ class TensorRow:
     bytes: int              # its share of the stored file
     bits_per_weight: float
     alias_of: str | None = None
+    entropy_bytes: float | None = None  # order-0 entropy of its codes (quantized tensors)
+    codes_bytes: int = 0                # its share of its codes section (bytes includes scales too)
+    overhead_bytes: int = 0             # its share of a rans section's tables, lane states and stream header
 
 
 @dataclass
@@ -66,27 +75,52 @@ def _apportion(total: int, weights: list) -> list:
     return shares
 
 
+def _entropy_bytes(data: bytes) -> float:
+    return rans.entropy_bits(np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)) / 8
+
+
+def _shares(art: format.Artifact, i: int, parts: list) -> tuple[list, list]:
+    """(bytes, overhead bytes) of each part of section i, summing to the section's stored size."""
+    s = art.sections[i]
+    sizes = [n for _, n, _, _ in parts]
+    if s["codec"] != "rans" or s["shuffle"] != 1:
+        return _apportion(s["size"], sizes), [0] * len(parts)
+    stored = art.blob[art.offsets[i]: art.offsets[i] + s["size"]]
+    overhead, bits = rans.stream_costs(stored, art.section(i), art.layouts[i])
+    extra = _apportion(overhead, sizes)
+    coded = _apportion(s["size"] - overhead, [round(b) for b in bits])
+    return [a + b for a, b in zip(coded, extra)], extra
+
+
 def inspect(path_or_bytes) -> Report:
     art = read_artifact(path_or_bytes)
     art.check_crcs()
-    attributed, raw_of, codecs_of = {}, {}, {}
-    members = {}  # section -> [(tensor, raw length)]
+    attributed, raw_of, codecs_of, entropy_of, overhead_of, codes_of = {}, {}, {}, {}, {}, {}
+    members = {}  # section -> [(offset, raw length, tensor, kind)], in offset order like the section layout
     for t in art.tensors:
         for kind in ("data", "codes", "scales"):
             if kind in t:
-                members.setdefault(t[kind][0], []).append((t["name"], t[kind][2]))
+                members.setdefault(t[kind][0], []).append((t[kind][1], t[kind][2], t["name"], kind))
     sections = []
     for i, s in enumerate(art.sections):
-        rows = members.get(i, [])
-        for (name, n), share in zip(rows, _apportion(s["size"], [n for _, n in rows])):
+        parts = sorted(members.get(i, []))
+        shares, overheads = _shares(art, i, parts)
+        entropy = 0.0
+        for (off, n, name, kind), share, extra in zip(parts, shares, overheads):
             attributed[name] = attributed.get(name, 0) + share
             raw_of[name] = raw_of.get(name, 0) + n
+            overhead_of[name] = overhead_of.get(name, 0) + extra
             codecs_of.setdefault(name, [])
             if s["codec"] not in codecs_of[name]:
                 codecs_of[name].append(s["codec"])
+            if kind == "codes":
+                codes_of[name] = share
+                entropy_of[name] = _entropy_bytes(art.section(i)[off: off + n])
+                entropy += entropy_of[name]
         sections.append({"index": i, "name": s["name"], "codec": s["codec"], "shuffle": s["shuffle"],
                          "raw": s["raw"], "size": s["size"],
-                         "ratio": round(s["raw"] / s["size"], 3) if s["size"] else 0.0})
+                         "ratio": round(s["raw"] / s["size"], 3) if s["size"] else 0.0,
+                         "entropy_bytes": round(entropy, 1), "overhead_bytes": sum(overheads)})
     tensors, roles, params = [], {}, 0
     for t in art.tensors:
         numel = 1
@@ -98,7 +132,9 @@ def inspect(path_or_bytes) -> Report:
                                  scheme=scheme_of(t), codec="+".join(codecs_of.get(t["name"], [])) or "-",
                                  raw_bytes=raw_of.get(t["name"], 0), bytes=b,
                                  bits_per_weight=round(8 * b / numel, 4) if numel and "alias" not in t else 0.0,
-                                 alias_of=t.get("alias")))
+                                 alias_of=t.get("alias"),
+                                 entropy_bytes=round(entropy_of[t["name"]], 1) if t["name"] in entropy_of else None,
+                                 overhead_bytes=overhead_of.get(t["name"], 0), codes_bytes=codes_of.get(t["name"], 0)))
         r = roles.setdefault(t["role"], {"tensors": 0, "params": 0, "bytes": 0})
         r["tensors"] += 1
         r["params"] += numel if "alias" not in t else 0
@@ -114,12 +150,16 @@ def inspect(path_or_bytes) -> Report:
 
 def render(report: Report) -> str:
     """The human table: one row per tensor, then roles, sections and totals."""
-    rows = [("tensor", "role", "shape", "scheme", "codec", "bytes", "bits/w")]
+    rows = [("tensor", "role", "shape", "scheme", "codec", "bytes", "bits/w", "H0 bytes", "/H0", "overhead")]
     for t in report.tensors:
+        h0 = t.entropy_bytes
         rows.append((t.name, t.role, "×".join(map(str, t.shape)) or "scalar", t.scheme, t.codec,
-                     f"{t.bytes:,}", f"{t.bits_per_weight:.3f}" if t.alias_of is None else "-"))
+                     f"{t.bytes:,}", f"{t.bits_per_weight:.3f}" if t.alias_of is None else "-",
+                     f"{h0:,.0f}" if h0 is not None else "-",
+                     f"{t.codes_bytes / h0:.3f}" if h0 else "-",
+                     f"{t.overhead_bytes:,}" if t.overhead_bytes else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    right = {5, 6}
+    right = {5, 6, 7, 8, 9}
     lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -128,10 +168,13 @@ def render(report: Report) -> str:
     for role, r in sorted(report.roles.items()):
         lines.append(f"{role:<10} {r['tensors']:>8} {r['params']:>11,} {r['bytes']:>12,} {r['bits_per_weight']:>8.3f}")
     lines.append("")
-    lines.append("section                       codec   shuffle          raw       stored   ratio")
+    lines.append("section                       codec   shuffle          raw       stored   ratio     H0 bytes  overhead")
     for s in report.sections:
+        h0 = f"{s['entropy_bytes']:>12,.0f}" if s["entropy_bytes"] else f"{'-':>12}"
         lines.append(f"{s['name']:<29} {s['codec']:<7} {s['shuffle']:>7} {s['raw']:>12,} {s['size']:>12,} "
-                     f"{s['ratio']:>7.3f}")
+                     f"{s['ratio']:>7.3f} {h0} {s['overhead_bytes'] or '-':>9}")
+    lines.append("(H0 bytes: order-0 entropy of a tensor's codes; /H0: its coded codes bytes over that; overhead: "
+                 "rans tables, lane states, stream header)")
     lines.append("")
     body = sum(s["size"] for s in report.sections)
     lines.append(f"preamble {report.preamble_bytes:,} B + header {report.header_bytes:,} B ({report.header_codec}) "

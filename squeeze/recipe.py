@@ -68,7 +68,7 @@ class KeepFloat:
 @dataclass(frozen=True)
 class EncodeSettings:
     group_by: str = "role"         # role | tensor | all: which tensors share a compressed section
-    candidates: tuple = ("zlib", "zstd", "brotli", "lzma")
+    candidates: tuple = ("zlib", "zstd", "brotli", "lzma", "rans")
     shuffle: str = "auto"          # auto | off: try byte-shuffling sections of 2+-byte elements
     params: EncodeParams = EncodeParams()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import squeeze
-from squeeze import decoder
+from squeeze import codecs, decoder
 from squeeze.recipe import parse
 
 from conftest import RECIPES, bitwise_equal
@@ -48,7 +48,7 @@ def assert_same(a: dict, b: dict):
         assert bitwise_equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("codec", ["raw", "zlib", "zstd", "brotli", "lzma"])
+@pytest.mark.parametrize("codec", codecs.NAMES)
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_emitted_decoder_equals_library(tmp_path, mixed_sd, codec, bits):
     recipe = parse(f'[defaults]\nbits = {bits}\ncodec = "{codec}"\nclip = "mse"\nmse_grid = 4\n'

@@ -5,7 +5,7 @@ from ..errors import FormatError
 
 ID, NAME = 3, "brotli"
 DECODER_IMPORT = "import brotli"
-DECODER_EXPR = "lambda b,n:brotli.Decompressor().process(b,output_buffer_limit=n+1)"
+DECODER_EXPR = "lambda b,n,l:brotli.Decompressor().process(b,output_buffer_limit=n+1)"
 
 
 def encode(raw_bytes: bytes, params) -> bytes:

@@ -5,7 +5,7 @@ from ..errors import FormatError
 
 ID, NAME = 4, "lzma"
 DECODER_IMPORT = "import lzma"
-DECODER_EXPR = "lambda b,n:lzma.LZMADecompressor().decompress(b,n+1)"
+DECODER_EXPR = "lambda b,n,l:lzma.LZMADecompressor().decompress(b,n+1)"
 
 
 def encode(raw_bytes: bytes, params) -> bytes:

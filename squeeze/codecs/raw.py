@@ -1,7 +1,7 @@
 """raw: the bytes as they are (the codec a dense-packed section uses when nothing compresses it)."""
 ID, NAME = 0, "raw"
 DECODER_IMPORT = ""
-DECODER_EXPR = "lambda b,n:b"
+DECODER_EXPR = "lambda b,n,l:b"
 
 
 def encode(raw_bytes: bytes, params) -> bytes:

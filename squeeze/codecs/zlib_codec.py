@@ -5,7 +5,7 @@ from ..errors import FormatError
 
 ID, NAME = 1, "zlib"
 DECODER_IMPORT = ""  # the tiny decoder imports zlib anyway, for CRC-32
-DECODER_EXPR = "lambda b,n:zlib.decompressobj().decompress(b,n+1)"
+DECODER_EXPR = "lambda b,n,l:zlib.decompressobj().decompress(b,n+1)"
 
 
 def encode(raw_bytes: bytes, params) -> bytes:

@@ -5,7 +5,7 @@ import zstandard
 
 ID, NAME = 2, "zstd"
 DECODER_IMPORT = "import zstandard,io"
-DECODER_EXPR = "lambda b,n:zstandard.ZstdDecompressor().stream_reader(io.BytesIO(b)).read(n+1)"
+DECODER_EXPR = "lambda b,n,l:zstandard.ZstdDecompressor().stream_reader(io.BytesIO(b)).read(n+1)"
 
 
 def encode(raw_bytes: bytes, params) -> bytes:

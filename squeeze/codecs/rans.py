@@ -1,0 +1,398 @@
+"""rans: interleaved range-ANS coding of a section's bytes with static tables chosen per part (docs/FORMAT.md, "rans").
+
+Why: quantized codes are near-i.i.d. within a tensor but not across tensors, and a tensor's columns (input features)
+have different spreads. A byte compressor sees neither the tensor boundaries nor the shape; this coder gets both
+from the section layout and chooses, per part, one table, or one table per class of rows or columns, whichever
+costs the fewest bytes including the tables and class indices.
+
+Decoding is vectorised over `lanes` interleaved states, so numpy alone decodes tens of millions of symbols a second;
+the emitted tiny decoder runs the same loop (squeeze/decoder.py). Encoding runs the same loop backwards.
+"""
+import zlib
+
+import numpy as np
+
+from ..errors import FormatError
+
+ID, NAME = 5, "rans"
+USES_LAYOUT = True
+DECODER_IMPORT = ""
+DECODER_EXPR = "lambda b,n,l:R(b,n,l)"
+
+PROB_BITS = 12          # M = 4096: tables are small (a decoder builds 3·M entries per table), coding loss < 0.1%
+STATE_LOW = 1 << 16     # states live in [2^16, 2^32); one 16-bit word is moved per renormalisation
+MAX_LANES = 4096
+MIN_STEPS = 4096        # fewer lanes for small sections: each lane's final state costs ~3 bytes (0.2% at 3 bits/sym)
+MAX_TABLES = 4096
+MAX_CLASSES = 64
+CLASS_CHOICES = (2, 4, 8, 16)
+MIN_CLASS_SYMBOLS = 4096  # parts smaller than this are not worth class tables
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+
+def quantize_counts(counts: np.ndarray, prob_bits: int = PROB_BITS) -> np.ndarray:
+    """Frequencies summing to 2^prob_bits, nonzero exactly where counts are (all on symbol 0 when there are no
+    counts); close to counts in proportion.
+
+    Deterministic: integer arithmetic after one float64 scaling, ties broken by symbol order.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    total, m = int(counts.sum()), 1 << prob_bits
+    f = np.zeros(counts.size, dtype=np.int64)
+    if total == 0:  # a table nothing uses (an empty part) must still be valid
+        f[0] = m
+        return f
+    present = counts > 0
+    f[present] = np.maximum(1, np.floor(counts[present] * (m / total)).astype(np.int64))
+    # Hand out (or take back) the remainder where it costs least: most counts per unit of frequency change.
+    diff = m - int(f.sum())
+    while diff != 0:
+        if diff > 0:
+            gain = np.where(present, counts / (f + 1.0), -1.0)  # bits saved ≈ c·log(1+1/f)
+            j = int(np.argmax(gain))
+            step = min(diff, max(1, int(f[j] * 0.01)))
+            f[j] += step
+            diff -= step
+        else:
+            loss = np.full(f.size, np.inf)
+            np.divide(counts, f - 1.0, out=loss, where=f > 1)
+            j = int(np.argmin(loss))
+            step = min(-diff, max(1, int((f[j] - 1) * 0.01)), int(f[j] - 1))
+            f[j] -= step
+            diff += step
+    return f
+
+
+def code_bits(counts: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS) -> float:
+    """Bits to code symbols with these counts under these frequencies (the coder's cost within a few bits)."""
+    used = counts > 0
+    return float((counts[used] * (prob_bits - np.log2(freqs[used]))).sum())
+
+
+def entropy_bits(counts: np.ndarray) -> float:
+    """Order-0 empirical entropy of the symbols, in bits (what inspect reports beside the coded size)."""
+    c = np.asarray(counts, dtype=np.float64)
+    c = c[c > 0]
+    return float(-(c * np.log2(c / c.sum())).sum()) if c.size else 0.0
+
+
+def _table_values(freqs: np.ndarray) -> list:
+    nz = np.flatnonzero(freqs)
+    lo, hi = (int(nz[0]), int(nz[-1]) + 1) if nz.size else (0, 0)
+    return [lo, hi - lo, *freqs[lo:hi].tolist()]
+
+
+def _table_cost_bits(freqs: np.ndarray) -> float:
+    """Estimated stored cost of a table: its u16 values after zlib (about 1.25 bytes each on real tables)."""
+    nz = np.flatnonzero(freqs)
+    return 8 * 1.25 * (2 + (nz[-1] - nz[0] + 1 if nz.size else 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Choosing a model per part
+
+def _classes(spread: np.ndarray, k: int) -> np.ndarray:
+    """k classes of rows/columns by quantiles of their spread (mean |symbol − centre|)."""
+    edges = np.quantile(spread, np.linspace(0, 1, k + 1)[1:-1])
+    return np.searchsorted(edges, spread, side="right").astype(np.int64)
+
+
+def _part_options(sym2d: np.ndarray, shared: np.ndarray):
+    """Yield (bits, mode, [freqs per class], classes) for each way to code one part."""
+    counts = np.bincount(sym2d.ravel(), minlength=256)
+    yield code_bits(counts, shared), 0, None, None  # the section's shared table (its cost is paid once)
+    own = quantize_counts(counts)
+    yield code_bits(counts, own) + _table_cost_bits(own), 0, [own], None
+    rows, cols = sym2d.shape
+    if sym2d.size < MIN_CLASS_SYMBOLS:
+        return
+    centre = float((np.arange(256) * counts).sum() / max(1, counts.sum()))
+    dev = np.abs(sym2d.astype(np.float64) - centre)
+    for mode, axis_len, spread in ((1, rows, dev.mean(axis=1)), (2, cols, dev.mean(axis=0))):
+        for k in CLASS_CHOICES:
+            if axis_len < 4 * k:
+                continue
+            cls = _classes(spread, k)
+            pos_cls = cls[:, None] if mode == 1 else cls[None, :]
+            bits, tables = 8 * 0.6 * axis_len, []  # class indices: ~0.6 bytes each after zlib
+            for j in range(k):
+                c = np.bincount(sym2d[np.broadcast_to(pos_cls == j, sym2d.shape)], minlength=256)
+                f = quantize_counts(c)
+                bits += code_bits(c, f) + _table_cost_bits(f)
+                tables.append(f)
+            yield bits, mode, tables, cls
+
+
+def choose_model(sym: np.ndarray, layout) -> tuple[list, list, np.ndarray]:
+    """(tables, per-part model values, table index per symbol position) minimising estimated bytes."""
+    shared = quantize_counts(np.bincount(sym, minlength=256))
+    tables, part_values, ctx_parts, pos = [shared], [], [], 0
+    shared_used = False
+    for rows, cols in layout:
+        part = sym[pos: pos + rows * cols].reshape(rows, cols)
+        pos += rows * cols
+        bits, mode, freqs, cls = min(_part_options(part, shared), key=lambda o: o[0])
+        if freqs is None:
+            shared_used = True
+            part_values += [0, 0]
+            ctx_parts.append(np.zeros(part.size, dtype=np.int64))
+            continue
+        first = len(tables)
+        tables += freqs
+        if mode == 0:
+            part_values += [0, first]
+            ctx_parts.append(np.full(part.size, first, dtype=np.int64))
+        else:
+            part_values += [mode, len(freqs), *range(first, first + len(freqs)), *cls.tolist()]
+            ctx = first + (np.repeat(cls, cols) if mode == 1 else np.tile(cls, rows))
+            ctx_parts.append(ctx)
+    ctx = np.concatenate(ctx_parts) if ctx_parts else np.zeros(0, dtype=np.int64)
+    if not shared_used:  # drop the unused shared table; renumber
+        tables = tables[1:]
+        ctx -= 1
+        part_values = _renumber(part_values, layout, -1)
+    return tables, part_values, ctx
+
+
+def _renumber(values: list, layout, delta: int) -> list:
+    out, i = [], 0
+    for rows, cols in layout:
+        mode = values[i]
+        if mode == 0:
+            out += [0, values[i + 1] + delta]
+            i += 2
+        else:
+            k = values[i + 1]
+            n_cls = rows if mode == 1 else cols
+            out += [mode, k, *(t + delta for t in values[i + 2: i + 2 + k]), *values[i + 2 + k: i + 2 + k + n_cls]]
+            i += 2 + k + n_cls
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Coding
+
+def lanes_for(n: int) -> int:
+    """Lanes for n symbols (docs/FORMAT.md): enough for numpy to work on long vectors, few enough that their final
+    states (~3 bytes each) stay below 0.2% of the stream."""
+    return 0 if n == 0 else max(1, min(MAX_LANES, n // MIN_STEPS))
+
+
+def _slot_tables(tables: list, prob_bits: int):
+    """Per table, per slot: symbol, its frequency, and slot − cum (the decoder's lookup tables), concatenated."""
+    m = 1 << prob_bits
+    sym, freq, bias = [], [], []
+    for f in tables:
+        f = np.asarray(f, dtype=np.int64)
+        cum = np.concatenate([[0], np.cumsum(f)[:-1]])
+        s = np.repeat(np.arange(f.size), f)
+        sym.append(s)
+        freq.append(f[s])
+        bias.append(np.arange(m) - cum[s])
+    return (np.concatenate(sym).astype(np.uint8), np.concatenate(freq).astype(np.uint32),
+            np.concatenate(bias).astype(np.uint32))
+
+
+def encode_symbols(sym: np.ndarray, ctx: np.ndarray, tables: list, lanes: int, prob_bits: int = PROB_BITS):
+    """(final states u32[lanes], words u16[]) for symbols `sym` whose table indices are `ctx`."""
+    n = sym.size
+    full = np.stack([np.asarray(f, dtype=np.int64) for f in tables]) if tables else np.zeros((0, 256), np.int64)
+    cum = np.concatenate([np.zeros((full.shape[0], 1), np.int64), np.cumsum(full, axis=1)[:, :-1]], axis=1)
+    key = ctx * 256 + sym
+    f_all, c_all = full.ravel()[key], cum.ravel()[key]
+    if n and f_all.min() == 0:
+        raise ValueError("rans: a symbol has zero frequency in its table")
+    x = np.full(lanes, STATE_LOW, dtype=np.int64)
+    chunks = []
+    shift = 32 - prob_bits
+    for a in reversed(range(0, n, max(lanes, 1))):
+        w = min(lanes, n - a)
+        y, f, c = x[:w], f_all[a:a + w], c_all[a:a + w]
+        emit = y >= (f << shift)
+        chunks.append((y[emit] & 0xFFFF).astype(np.uint16))
+        y = np.where(emit, y >> 16, y)
+        x[:w] = ((y // f) << prob_bits) + (y % f) + c
+    words = np.concatenate(chunks[::-1]) if chunks else np.zeros(0, np.uint16)
+    return x.astype(np.uint32), words
+
+
+def decode_symbols(states: np.ndarray, words: np.ndarray, ctx: np.ndarray, tables: list, prob_bits: int,
+                   what: str = "rans") -> np.ndarray:
+    """Inverse of encode_symbols; FormatError if the stream is inconsistent (too few words, bad final state)."""
+    n, lanes = ctx.size, states.size
+    slot_sym, slot_freq, slot_bias = _slot_tables(tables, prob_bits)
+    mask = (1 << prob_bits) - 1
+    ctx_hi = ctx.astype(np.uint32) << prob_bits
+    x = states.astype(np.uint32).copy()
+    words = words.astype(np.uint32)
+    out = np.empty(n, dtype=np.uint8)
+    p = 0
+    for a in range(0, n, max(lanes, 1)):
+        w = min(lanes, n - a)
+        idx = ctx_hi[a:a + w] | (x[:w] & mask)
+        out[a:a + w] = slot_sym[idx]
+        y = slot_freq[idx] * (x[:w] >> prob_bits) + slot_bias[idx]
+        low = y < STATE_LOW
+        k = int(np.count_nonzero(low))
+        if p + k > words.size:
+            raise FormatError(f"{what}: stream ends early")
+        y[low] = (y[low] << 16) | words[p:p + k]
+        p += k
+        x[:w] = y
+    if p != words.size or (lanes and not np.all(x == STATE_LOW)):
+        raise FormatError(f"{what}: stream does not end where it should (damaged)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The codec interface (squeeze/codecs/__init__.py)
+
+def encode(raw_bytes: bytes, params, layout) -> bytes:
+    sym = np.frombuffer(raw_bytes, dtype=np.uint8)
+    tables, part_values, ctx = choose_model(sym, layout)
+    model = np.array([len(tables)] + [v for f in tables for v in _table_values(f)] + part_values, dtype="<u2")
+    model_z = zlib.compress(model.tobytes(), 9)
+    lanes = lanes_for(sym.size)
+    tables_256 = [np.asarray(f, dtype=np.int64) for f in tables]
+    states, words = encode_symbols(sym.astype(np.int64), ctx, tables_256, lanes)
+    head = np.array([PROB_BITS, 0], dtype=np.uint8).tobytes() + np.array([lanes], "<u2").tobytes() \
+        + np.array([len(model_z)], "<u4").tobytes()
+    return head + model_z + states.astype("<u4").tobytes() + words.astype("<u2").tobytes()
+
+
+def model_bound(layout) -> int:
+    """Largest possible decoded model (bytes), from the layout: what a reader lets zlib produce at most."""
+    return 2 * (1 + MAX_TABLES * 258 + sum(2 + MAX_CLASSES + max(r, c) for r, c in layout))
+
+
+class _Cursor:
+    def __init__(self, values: np.ndarray, what: str):
+        self.v, self.i, self.what = values, 0, what
+
+    def take(self, k: int = 1) -> np.ndarray:
+        if self.i + k > self.v.size:
+            raise FormatError(f"{self.what}: model is truncated")
+        out = self.v[self.i:self.i + k]
+        self.i += k
+        return out
+
+
+def parse_model(values: np.ndarray, layout, prob_bits: int, what: str):
+    """(tables as 256-entry frequency arrays, table index per symbol position), checking every rule of the spec."""
+    cur = _Cursor(values.astype(np.int64), what)
+    n_tables = int(cur.take()[0])
+    if n_tables > MAX_TABLES:
+        raise FormatError(f"{what}: {n_tables} tables (at most {MAX_TABLES})")
+    tables = []
+    for _ in range(n_tables):
+        lo, n = (int(v) for v in cur.take(2))
+        f = cur.take(n)
+        if lo + n > 256 or int(f.sum()) != 1 << prob_bits:
+            raise FormatError(f"{what}: invalid frequency table")
+        full = np.zeros(256, dtype=np.int64)
+        full[lo:lo + n] = f
+        tables.append(full)
+    ctx_parts = []
+    for rows, cols in layout:
+        mode = int(cur.take()[0])
+        if mode == 0:
+            t = int(cur.take()[0])
+            if t >= n_tables:
+                raise FormatError(f"{what}: table index {t} out of range")
+            ctx_parts.append(np.full(rows * cols, t, dtype=np.int64))
+            continue
+        if mode not in (1, 2):
+            raise FormatError(f"{what}: unknown part mode {mode}")
+        k = int(cur.take()[0])
+        if not 1 <= k <= MAX_CLASSES:
+            raise FormatError(f"{what}: {k} classes (1..{MAX_CLASSES})")
+        ids = cur.take(k)
+        cls = cur.take(rows if mode == 1 else cols)
+        if (ids >= n_tables).any() or (cls >= k).any():
+            raise FormatError(f"{what}: class or table index out of range")
+        ctx_parts.append(np.repeat(ids[cls], cols) if mode == 1 else np.tile(ids[cls], rows))
+    if cur.i != cur.v.size:
+        raise FormatError(f"{what}: model has {cur.v.size - cur.i} values too many")
+    ctx = np.concatenate(ctx_parts) if ctx_parts else np.zeros(0, dtype=np.int64)
+    return tables, ctx
+
+
+def _read_stream(stored: bytes, raw_size: int, layout, what: str = "rans"):
+    """Check and parse everything but the words: (prob_bits, tables, ctx, states, words, overhead bytes)."""
+    if sum(r * c for r, c in layout) != raw_size:
+        raise FormatError("rans: the section layout does not cover the section")
+    if len(stored) < 8:
+        raise FormatError("rans: stream too short")
+    prob_bits, reserved = stored[0], stored[1]
+    lanes = int(np.frombuffer(stored, "<u2", 1, 2)[0])
+    model_size = int(np.frombuffer(stored, "<u4", 1, 4)[0])
+    if not 8 <= prob_bits <= 15 or reserved:
+        raise FormatError(f"rans: invalid stream header (prob_bits {prob_bits})")
+    if lanes != lanes_for(raw_size):  # the lane count is fixed by the size, which ties the stream to it
+        raise FormatError(f"rans: stream holds more or fewer symbols than the declared {raw_size} ({lanes} lanes)")
+    body = 8 + model_size
+    if body + 4 * lanes > len(stored) or (len(stored) - body - 4 * lanes) % 2:
+        raise FormatError("rans: stream is truncated")
+    d = zlib.decompressobj()
+    try:
+        model = d.decompress(stored[8:body], model_bound(layout) + 1)
+    except zlib.error as e:
+        raise FormatError(f"rans: model is damaged ({e})") from None
+    if not d.eof or len(model) % 2 or len(model) > model_bound(layout):
+        raise FormatError("rans: model is damaged")
+    tables, ctx = parse_model(np.frombuffer(model, "<u2"), layout, prob_bits, what)
+    states = np.frombuffer(stored, "<u4", lanes, body)
+    if (states < STATE_LOW).any():
+        raise FormatError("rans: invalid final state")
+    words = np.frombuffer(stored, "<u2", offset=body + 4 * lanes)
+    return prob_bits, tables, ctx, states, words, body + 4 * lanes
+
+
+def decode(stored: bytes, raw_size: int, layout) -> bytes:
+    prob_bits, tables, ctx, states, words, _ = _read_stream(stored, raw_size, layout)
+    return decode_symbols(states, words, ctx, tables, prob_bits).tobytes()
+
+
+def stream_costs(stored: bytes, raw: bytes, layout) -> tuple[int, list]:
+    """Where a rans section's bytes went: (overhead bytes: stream header, model and lane states; the coded bits of
+    each part under its tables, in layout order). For inspect."""
+    prob_bits, tables, ctx, _, _, overhead = _read_stream(stored, len(raw), layout)
+    sym = np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
+    freq = np.stack(tables).ravel()[ctx * 256 + sym] if sym.size else np.zeros(0)
+    bits = prob_bits - np.log2(np.maximum(freq, 1))
+    ends = np.cumsum([r * c for r, c in layout])
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    return overhead, [float(bits[a:b].sum()) for a, b in zip(starts, ends)]
+
+
+# The tiny decoder's part (squeeze/decoder.py): V(header) gives each section's parts as (offset, length, name,
+# (rows, cols)) like format.part_matrix; R is decode_symbols + parse_model without the checks the CRC makes moot.
+DECODER_DEF = '''\
+def V(H):
+ Y={}
+ for t in H["tensors"]:
+  for k in("codes","scales","data"):
+   if k in t:
+    r=t[k];s=t["shape"];N=int(np.prod(s));y=s[0]if len(s)>1 else 1
+    Y.setdefault(r[0],[]).append((r[1],r[2],t["name"],(y,N//y if y else 0)if k=="codes"and t["q"]["pack"]=="byte"else(1,r[2])))
+ return Y
+def R(b,n,l):
+ P=b[0];K=int.from_bytes(b[2:4],"little");e=8+int.from_bytes(b[4:8],"little");m=1<<P
+ v=np.frombuffer(zlib.decompressobj().decompress(b[8:e],1<<26),"<u2").astype(np.int64);T=[];i=1
+ for _ in range(v[0]):a,k=v[i:i+2];f=np.zeros(256,np.int64);f[a:a+k]=v[i+2:i+2+k];i+=2+k;T.append(f)
+ c=[]
+ for r,q in l:
+  o=v[i];k=v[i+1];i+=2
+  if o==0:c.append(np.full(r*q,k));continue
+  g=r if o==1 else q;y=v[i:i+k][v[i+k:i+k+g]];i+=k+g;c.append(np.repeat(y,q)if o==1 else np.tile(y,r))
+ c=np.concatenate(c).astype(np.uint32)<<P;Q=[(f,np.repeat(np.arange(256),f))for f in T]
+ s=np.concatenate([q for f,q in Q]).astype(np.uint8);F=np.concatenate([f[q]for f,q in Q]).astype(np.uint32)
+ B=np.concatenate([np.arange(m)-(np.cumsum(f)-f)[q]for f,q in Q]).astype(np.uint32)
+ x=np.frombuffer(b,"<u4",K,e).copy();w=np.frombuffer(b,"<u2",offset=e+4*K).astype(np.uint32);p=0;u=np.empty(n,np.uint8)
+ for a in range(0,n,K or 1):
+  h=min(K,n-a);j=c[a:a+h]|x[:h]&m-1;u[a:a+h]=s[j];y=F[j]*(x[:h]>>P)+B[j];t=y<65536;k=t.sum();y[t]=y[t]<<16|w[p:p+k];p+=k;x[:h]=y
+ if p!=w.size or(x!=65536).any():E("bad rans stream")
+ return u.tobytes()
+'''
