@@ -93,12 +93,14 @@ class Rule:
 class Recipe:
     """A parsed recipe. `Recipe()` is the built-in default: int6 matrices, int8 embedding, brotli."""
     name: str = "default"
-    description: str = "built-in default: int6 per-row matrices (std clip), int8 embedding, brotli"
-    defaults: TensorSettings = TensorSettings(bits=6, clip="std", clip_std_k=12.85 / 2, codec="brotli")
+    description: str = "built-in default: int6 per-row matrices (std clip), int8 embedding, brotli or rans per section"
+    defaults: TensorSettings = TensorSettings(bits=6, clip="std", clip_std_k=12.85 / 2, codec="auto")
     keep_float: KeepFloat = KeepFloat(control_dtype="f16")
     rules: tuple = (Rule(match=("*",), role=("embedding",),
                          overrides=(("bits", 8), ("clip", "std"), ("clip_std_k", 20.0 / 2)), line=0),)
-    encode: EncodeSettings = EncodeSettings()
+    # brotli and rans only: each extra codec in an artifact adds its lines to the user's decoder (lzma's ~70 bytes
+    # bought ~30 on the fixture's scales)
+    encode: EncodeSettings = EncodeSettings(candidates=("brotli", "rans"))
     source: str = "<built-in>"
 
     @staticmethod

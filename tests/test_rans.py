@@ -27,19 +27,23 @@ def reference_decode(stored: bytes, n: int, layout) -> bytes:
         f[lo:lo + k] = v[i + 2:i + 2 + k]
         tables.append(f)
         i += 2 + k
-    table_of = []  # per position
+    table_of, references, start = [], [], 0  # table per position; (first position, cols, back) of mode-3 parts
     for rows, cols in layout:
         mode = v[i]
         if mode == 0:
             table_of += [v[i + 1]] * (rows * cols)
             i += 2
-            continue
-        k = v[i + 1]
-        ids = v[i + 2:i + 2 + k]
-        n_cls = rows if mode == 1 else cols
-        cls = v[i + 2 + k:i + 2 + k + n_cls]
-        i += 2 + k + n_cls
-        table_of += [ids[cls[r] if mode == 1 else cls[c]] for r in range(rows) for c in range(cols)]
+        else:
+            k = v[i + 1]
+            ids = v[i + 2:i + 2 + k]
+            n_cls = cols if mode == 2 else rows
+            cls = v[i + 2 + k:i + 2 + k + n_cls]
+            i += 2 + k + n_cls
+            table_of += [ids[cls[c] if mode == 2 else cls[r]] for r in range(rows) for c in range(cols)]
+            if mode == 3:
+                references.append((start, cols, v[i:i + rows]))
+                i += rows
+        start += rows * cols
     base = 8 + model_size
     x = [int.from_bytes(stored[base + 4 * j:base + 4 * j + 4], "little") for j in range(lanes)]
     words = stored[base + 4 * lanes:]
@@ -57,6 +61,11 @@ def reference_decode(stored: bytes, n: int, layout) -> bytes:
             x[lane] = (x[lane] << 16) | int.from_bytes(words[p:p + 2], "little")
             p += 2
     assert p == len(words) and all(s == 1 << 16 for s in x)
+    for start, cols, back in references:  # rows coded as differences to an earlier row, in row order
+        for r, b in enumerate(back):
+            if b:
+                for c in range(cols):
+                    out[start + r * cols + c] = (out[start + r * cols + c] + out[start + (r - b) * cols + c]) % 256
     return bytes(out)
 
 
@@ -88,11 +97,32 @@ def test_column_classes_are_chosen_when_columns_differ():
     rng = np.random.default_rng(3)
     spread = np.tile(np.geomspace(0.3, 8, 256), (128, 1))
     raw = np.clip(np.round(rng.normal(0, 1, spread.shape) * spread) + 31, 0, 62).astype(np.uint8).tobytes()
-    tables, values, _ = rans.choose_model(np.frombuffer(raw, np.uint8), [(128, 256)])
+    tables, values, _, _ = rans.choose_model(np.frombuffer(raw, np.uint8), [(128, 256)])
     assert values[0] == 2 and len(tables) > 1  # mode 2: column classes
     one_table = rans.code_bits(np.bincount(np.frombuffer(raw, np.uint8), minlength=256),
                                rans.quantize_counts(np.bincount(np.frombuffer(raw, np.uint8), minlength=256))) / 8
     assert len(codecs.encode("rans", raw, None, [(128, 256)])) < 0.95 * one_table
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_near_duplicate_rows_are_coded_as_differences(seed, tmp_path):
+    """Like an embedding's rare-token rows: many rows are one drift vector plus small noise (mode 3)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = 300, 64
+    q = np.round(rng.laplace(0, 6, (rows, cols)))
+    drift = np.round(rng.laplace(0, 6, cols))
+    rare = rng.random(rows) < 0.3
+    q[rare] = drift + np.round(rng.normal(0, 0.4, (rare.sum(), cols)))
+    raw = np.clip(q + 127, 0, 254).astype(np.uint8).tobytes()
+    layout = [(7, 9), (rows, cols)]
+    raw = bytes(range(63)) + raw
+    stored = codecs.encode("rans", raw, None, layout)
+    _, values, _, _ = rans.choose_model(np.frombuffer(raw, np.uint8), layout)
+    assert values[:1] == [0] and values[2] == 3  # part 0: one table; part 1: row references (mode 3)
+    assert codecs.decode("rans", stored, len(raw), "s", layout) == raw
+    assert reference_decode(stored, len(raw), layout) == raw
+    own = rans.entropy_bits(np.bincount(np.frombuffer(raw[63:], np.uint8), minlength=256)) / 8
+    assert len(stored) < 0.9 * own
 
 
 def test_golden_bytes():
@@ -124,8 +154,8 @@ def test_fixture_codes_within_half_a_percent_of_their_context_entropy(fixture_co
     for i in code_sections:
         stored = blob[art.offsets[i]: art.offsets[i] + art.sections[i]["size"]]
         sym = np.frombuffer(art.section(i), np.uint8)
-        tables, _, ctx = rans.choose_model(sym, art.layouts[i])
-        entropy = sum(rans.entropy_bits(np.bincount(sym[ctx == t], minlength=256)) for t in range(len(tables))) / 8
+        tables, _, ctx, coded = rans.choose_model(sym, art.layouts[i])
+        entropy = sum(rans.entropy_bits(np.bincount(coded[ctx == t], minlength=256)) for t in range(len(tables))) / 8
         model_bytes = int.from_bytes(stored[4:8], "little")
         assert len(stored) <= 1.005 * (entropy + model_bytes), art.sections[i]["name"]
 

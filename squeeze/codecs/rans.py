@@ -99,76 +99,119 @@ def _classes(spread: np.ndarray, k: int) -> np.ndarray:
     return np.searchsorted(edges, spread, side="right").astype(np.int64)
 
 
+def _class_tables(sym2d: np.ndarray, pos_cls: np.ndarray, k: int) -> tuple[float, list]:
+    """(estimated bits, tables) of coding sym2d with one table per class of positions."""
+    class_counts = np.bincount(pos_cls * 256 + sym2d.ravel(), minlength=k * 256).reshape(k, 256)
+    bits, tables = 0.0, []
+    for c in class_counts:
+        f = quantize_counts(c)
+        bits += code_bits(c, f) + _table_cost_bits(f)
+        tables.append(f)
+    return bits, tables
+
+
+def row_references(sym2d: np.ndarray) -> np.ndarray:
+    """For each row, how far back its most similar earlier row is (0: none worth using).
+
+    Rows of an embedding whose tokens are rare stay near their shared initial drift and nearly repeat each other; a
+    row coded as its difference to such a neighbour costs a fraction of its order-0 entropy. A sample decides first
+    whether the search over all pairs is worth its time.
+    """
+    rows, cols = sym2d.shape
+    back = np.zeros(rows, dtype=np.int64)
+    if rows < 16:
+        return back
+    f = sym2d.astype(np.float32)
+    f -= f.mean()
+    norm = (f * f).sum(axis=1)
+    own = (f * f).sum(axis=1)  # squared distance to the mean value: the cost proxy of coding a row plainly
+
+    def nearest_earlier(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = norm[idx, None] + norm[None, :] - 2 * (f[idx] @ f.T)
+        d[np.arange(rows)[None, :] >= idx[:, None]] = np.inf  # only earlier rows
+        j = d.argmin(axis=1)
+        return j, d[np.arange(len(idx)), j]
+
+    sample = np.linspace(1, rows - 1, min(rows - 1, 128)).astype(np.int64)
+    _, dist = nearest_earlier(sample)
+    if np.count_nonzero(dist < 0.25 * own[sample]) < 0.02 * sample.size:
+        return back
+    for a in range(1, rows, 1024):
+        idx = np.arange(a, min(rows, a + 1024))
+        j, dist = nearest_earlier(idx)
+        use = dist < 0.25 * own[idx]
+        back[idx[use]] = idx[use] - j[use]
+    return back
+
+
 def _part_options(sym2d: np.ndarray, shared: np.ndarray):
-    """Yield (bits, mode, [freqs per class], classes) for each way to code one part."""
+    """Yield (bits, model values after the table list, [freqs per class], table index per class position,
+    symbols as coded) for each way to code one part. Table indices in the values are relative to the part's tables."""
     counts = np.bincount(sym2d.ravel(), minlength=256)
-    yield code_bits(counts, shared), 0, None, None  # the section's shared table (its cost is paid once)
+    yield code_bits(counts, shared), None, None, None, sym2d  # the section's shared table (its cost is paid once)
     own = quantize_counts(counts)
-    yield code_bits(counts, own) + _table_cost_bits(own), 0, [own], None
+    yield code_bits(counts, own) + _table_cost_bits(own), [0], [own], None, sym2d
     rows, cols = sym2d.shape
     if sym2d.size < MIN_CLASS_SYMBOLS:
         return
     centre = float((np.arange(256) * counts).sum() / max(1, counts.sum()))
-    dev = np.abs(sym2d.astype(np.float64) - centre)
-    for mode, axis_len, spread in ((1, rows, dev.mean(axis=1)), (2, cols, dev.mean(axis=0))):
+    dev_of_symbol = np.abs(np.arange(256) - centre)
+    spread_of = {1: dev_of_symbol[sym2d].mean(axis=1), 2: dev_of_symbol[sym2d].mean(axis=0)}
+    for mode, axis_len in ((1, rows), (2, cols)):
         for k in CLASS_CHOICES:
             if axis_len < 4 * k:
                 continue
-            cls = _classes(spread, k)
-            pos_cls = cls[:, None] if mode == 1 else cls[None, :]
-            bits, tables = 8 * 0.6 * axis_len, []  # class indices: ~0.6 bytes each after zlib
-            for j in range(k):
-                c = np.bincount(sym2d[np.broadcast_to(pos_cls == j, sym2d.shape)], minlength=256)
-                f = quantize_counts(c)
-                bits += code_bits(c, f) + _table_cost_bits(f)
-                tables.append(f)
-            yield bits, mode, tables, cls
+            cls = _classes(spread_of[mode], k)
+            pos_cls = np.repeat(cls, cols) if mode == 1 else np.tile(cls, rows)
+            bits, tables = _class_tables(sym2d, pos_cls, k)
+            yield bits + 8 * 0.6 * axis_len, [mode, k, *range(k), *cls.tolist()], tables, pos_cls, sym2d
+    back = row_references(sym2d)
+    if back.any():  # mode 3: referencing rows are coded as differences, with a class (table) of their own
+        coded = sym2d.copy()
+        ref = np.flatnonzero(back)
+        coded[ref] = sym2d[ref] - sym2d[ref - back[ref]]  # uint8: mod 256
+        plain = back == 0
+        for k in (1, 2, 4, 8):
+            if np.count_nonzero(plain) < 4 * k:
+                continue
+            cls = np.full(rows, k, dtype=np.int64)
+            cls[plain] = _classes(spread_of[1][plain], k)
+            bits, tables = _class_tables(coded, np.repeat(cls, cols), k + 1)
+            side = 8 * (0.6 * rows + 1.5 * ref.size)  # classes, and back distances (zeros compress away)
+            yield bits + side, [3, k + 1, *range(k + 1), *cls.tolist(), *back.tolist()], tables, \
+                np.repeat(cls, cols), coded
 
 
-def choose_model(sym: np.ndarray, layout) -> tuple[list, list, np.ndarray]:
-    """(tables, per-part model values, table index per symbol position) minimising estimated bytes."""
+def choose_model(sym: np.ndarray, layout) -> tuple[list, list, np.ndarray, np.ndarray]:
+    """(tables, model values after the tables, table index per symbol position, symbols as coded), minimising the
+    estimated bytes of each part."""
     shared = quantize_counts(np.bincount(sym, minlength=256))
-    tables, part_values, ctx_parts, pos = [shared], [], [], 0
-    shared_used = False
+    shared_index = None
+    tables, values, ctx_parts, coded_parts, pos = [], [], [], [], 0
     for rows, cols in layout:
         part = sym[pos: pos + rows * cols].reshape(rows, cols)
         pos += rows * cols
-        bits, mode, freqs, cls = min(_part_options(part, shared), key=lambda o: o[0])
-        if freqs is None:
-            shared_used = True
-            part_values += [0, 0]
-            ctx_parts.append(np.zeros(part.size, dtype=np.int64))
+        _, part_values, freqs, pos_cls, coded = min(_part_options(part, shared), key=lambda o: o[0])
+        coded_parts.append(coded.ravel())
+        if part_values is None:  # the shared table, added the first time a part uses it
+            if shared_index is None:
+                shared_index = len(tables)
+                tables.append(shared)
+            values += [0, shared_index]
+            ctx_parts.append(np.full(part.size, shared_index, dtype=np.int64))
             continue
         first = len(tables)
         tables += freqs
-        if mode == 0:
-            part_values += [0, first]
+        if part_values[0] == 0:
+            values += [0, first]
             ctx_parts.append(np.full(part.size, first, dtype=np.int64))
         else:
-            part_values += [mode, len(freqs), *range(first, first + len(freqs)), *cls.tolist()]
-            ctx = first + (np.repeat(cls, cols) if mode == 1 else np.tile(cls, rows))
-            ctx_parts.append(ctx)
+            k = part_values[1]
+            values += part_values[:2] + [first + t for t in part_values[2:2 + k]] + part_values[2 + k:]
+            ctx_parts.append(first + pos_cls)
     ctx = np.concatenate(ctx_parts) if ctx_parts else np.zeros(0, dtype=np.int64)
-    if not shared_used:  # drop the unused shared table; renumber
-        tables = tables[1:]
-        ctx -= 1
-        part_values = _renumber(part_values, layout, -1)
-    return tables, part_values, ctx
-
-
-def _renumber(values: list, layout, delta: int) -> list:
-    out, i = [], 0
-    for rows, cols in layout:
-        mode = values[i]
-        if mode == 0:
-            out += [0, values[i + 1] + delta]
-            i += 2
-        else:
-            k = values[i + 1]
-            n_cls = rows if mode == 1 else cols
-            out += [mode, k, *(t + delta for t in values[i + 2: i + 2 + k]), *values[i + 2 + k: i + 2 + k + n_cls]]
-            i += 2 + k + n_cls
-    return out
+    coded = np.concatenate(coded_parts) if coded_parts else np.zeros(0, dtype=np.uint8)
+    return tables, values, ctx, coded.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,19 +244,20 @@ def encode_symbols(sym: np.ndarray, ctx: np.ndarray, tables: list, lanes: int, p
     full = np.stack([np.asarray(f, dtype=np.int64) for f in tables]) if tables else np.zeros((0, 256), np.int64)
     cum = np.concatenate([np.zeros((full.shape[0], 1), np.int64), np.cumsum(full, axis=1)[:, :-1]], axis=1)
     key = ctx * 256 + sym
-    f_all, c_all = full.ravel()[key], cum.ravel()[key]
+    f_all, c_all = full.ravel()[key].astype(np.uint32), cum.ravel()[key].astype(np.uint32)
+    del key
     if n and f_all.min() == 0:
         raise ValueError("rans: a symbol has zero frequency in its table")
-    x = np.full(lanes, STATE_LOW, dtype=np.int64)
+    x = np.full(lanes, STATE_LOW, dtype=np.uint64)
     chunks = []
     shift = 32 - prob_bits
     for a in reversed(range(0, n, max(lanes, 1))):
         w = min(lanes, n - a)
-        y, f, c = x[:w], f_all[a:a + w], c_all[a:a + w]
-        emit = y >= (f << shift)
+        y, f, c = x[:w], f_all[a:a + w].astype(np.uint64), c_all[a:a + w]
+        emit = y >= (f << np.uint64(shift))
         chunks.append((y[emit] & 0xFFFF).astype(np.uint16))
-        y = np.where(emit, y >> 16, y)
-        x[:w] = ((y // f) << prob_bits) + (y % f) + c
+        y = np.where(emit, y >> np.uint64(16), y)
+        x[:w] = ((y // f) << np.uint64(prob_bits)) + (y % f) + c
     words = np.concatenate(chunks[::-1]) if chunks else np.zeros(0, np.uint16)
     return x.astype(np.uint32), words
 
@@ -251,12 +295,12 @@ def decode_symbols(states: np.ndarray, words: np.ndarray, ctx: np.ndarray, table
 
 def encode(raw_bytes: bytes, params, layout) -> bytes:
     sym = np.frombuffer(raw_bytes, dtype=np.uint8)
-    tables, part_values, ctx = choose_model(sym, layout)
+    tables, part_values, ctx, coded = choose_model(sym, layout)
     model = np.array([len(tables)] + [v for f in tables for v in _table_values(f)] + part_values, dtype="<u2")
     model_z = zlib.compress(model.tobytes(), 9)
     lanes = lanes_for(sym.size)
     tables_256 = [np.asarray(f, dtype=np.int64) for f in tables]
-    states, words = encode_symbols(sym.astype(np.int64), ctx, tables_256, lanes)
+    states, words = encode_symbols(coded.astype(np.int64), ctx, tables_256, lanes)
     head = np.array([PROB_BITS, 0], dtype=np.uint8).tobytes() + np.array([lanes], "<u2").tobytes() \
         + np.array([len(model_z)], "<u4").tobytes()
     return head + model_z + states.astype("<u4").tobytes() + words.astype("<u2").tobytes()
@@ -280,7 +324,8 @@ class _Cursor:
 
 
 def parse_model(values: np.ndarray, layout, prob_bits: int, what: str):
-    """(tables as 256-entry frequency arrays, table index per symbol position), checking every rule of the spec."""
+    """(tables as 256-entry frequency arrays, table index per symbol position, row references as
+    [(part offset, cols, back distances)]), checking every rule of the spec."""
     cur = _Cursor(values.astype(np.int64), what)
     n_tables = int(cur.take()[0])
     if n_tables > MAX_TABLES:
@@ -294,8 +339,9 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str):
         full = np.zeros(256, dtype=np.int64)
         full[lo:lo + n] = f
         tables.append(full)
-    ctx_parts = []
+    ctx_parts, references, offset = [], [], 0
     for rows, cols in layout:
+        offset += rows * cols
         mode = int(cur.take()[0])
         if mode == 0:
             t = int(cur.take()[0])
@@ -303,24 +349,39 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str):
                 raise FormatError(f"{what}: table index {t} out of range")
             ctx_parts.append(np.full(rows * cols, t, dtype=np.int64))
             continue
-        if mode not in (1, 2):
+        if mode not in (1, 2, 3):
             raise FormatError(f"{what}: unknown part mode {mode}")
         k = int(cur.take()[0])
         if not 1 <= k <= MAX_CLASSES:
             raise FormatError(f"{what}: {k} classes (1..{MAX_CLASSES})")
         ids = cur.take(k)
-        cls = cur.take(rows if mode == 1 else cols)
+        cls = cur.take(cols if mode == 2 else rows)
         if (ids >= n_tables).any() or (cls >= k).any():
             raise FormatError(f"{what}: class or table index out of range")
-        ctx_parts.append(np.repeat(ids[cls], cols) if mode == 1 else np.tile(ids[cls], rows))
+        ctx_parts.append(np.tile(ids[cls], rows) if mode == 2 else np.repeat(ids[cls], cols))
+        if mode == 3:
+            back = cur.take(rows)
+            if (back > np.arange(rows)).any():
+                raise FormatError(f"{what}: a row refers to a row before the part")
+            references.append((offset - rows * cols, cols, back))
     if cur.i != cur.v.size:
         raise FormatError(f"{what}: model has {cur.v.size - cur.i} values too many")
     ctx = np.concatenate(ctx_parts) if ctx_parts else np.zeros(0, dtype=np.int64)
-    return tables, ctx
+    return tables, ctx, references
+
+
+def undo_row_references(sym: np.ndarray, references) -> np.ndarray:
+    """Rows coded as differences to an earlier row (mode 3) become themselves again, in row order."""
+    for offset, cols, back in references:
+        for r in np.flatnonzero(back):
+            row, ref = offset + r * cols, offset + (r - back[r]) * cols
+            sym[row:row + cols] += sym[ref:ref + cols]  # uint8 arithmetic: mod 256
+    return sym
 
 
 def _read_stream(stored: bytes, raw_size: int, layout, what: str = "rans"):
-    """Check and parse everything but the words: (prob_bits, tables, ctx, states, words, overhead bytes)."""
+    """Check and parse everything but the words: (prob_bits, tables, ctx, row references, states, words, overhead
+    bytes)."""
     if sum(r * c for r, c in layout) != raw_size:
         raise FormatError("rans: the section layout does not cover the section")
     if len(stored) < 8:
@@ -342,24 +403,29 @@ def _read_stream(stored: bytes, raw_size: int, layout, what: str = "rans"):
         raise FormatError(f"rans: model is damaged ({e})") from None
     if not d.eof or len(model) % 2 or len(model) > model_bound(layout):
         raise FormatError("rans: model is damaged")
-    tables, ctx = parse_model(np.frombuffer(model, "<u2"), layout, prob_bits, what)
+    tables, ctx, references = parse_model(np.frombuffer(model, "<u2"), layout, prob_bits, what)
     states = np.frombuffer(stored, "<u4", lanes, body)
     if (states < STATE_LOW).any():
         raise FormatError("rans: invalid final state")
     words = np.frombuffer(stored, "<u2", offset=body + 4 * lanes)
-    return prob_bits, tables, ctx, states, words, body + 4 * lanes
+    return prob_bits, tables, ctx, references, states, words, body + 4 * lanes
 
 
 def decode(stored: bytes, raw_size: int, layout) -> bytes:
-    prob_bits, tables, ctx, states, words, _ = _read_stream(stored, raw_size, layout)
-    return decode_symbols(states, words, ctx, tables, prob_bits).tobytes()
+    prob_bits, tables, ctx, references, states, words, _ = _read_stream(stored, raw_size, layout)
+    return undo_row_references(decode_symbols(states, words, ctx, tables, prob_bits), references).tobytes()
 
 
 def stream_costs(stored: bytes, raw: bytes, layout) -> tuple[int, list]:
     """Where a rans section's bytes went: (overhead bytes: stream header, model and lane states; the coded bits of
     each part under its tables, in layout order). For inspect."""
-    prob_bits, tables, ctx, _, _, overhead = _read_stream(stored, len(raw), layout)
-    sym = np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
+    prob_bits, tables, ctx, references, _, _, overhead = _read_stream(stored, len(raw), layout)
+    sym = np.frombuffer(raw, dtype=np.uint8).copy()
+    for offset, cols, back in references[::-1]:  # the coded symbols: differences, undone in reverse row order
+        for r in np.flatnonzero(back)[::-1]:
+            row, ref = offset + r * cols, offset + (r - back[r]) * cols
+            sym[row:row + cols] -= sym[ref:ref + cols]
+    sym = sym.astype(np.int64)
     freq = np.stack(tables).ravel()[ctx * 256 + sym] if sym.size else np.zeros(0)
     bits = prob_bits - np.log2(np.maximum(freq, 1))
     ends = np.cumsum([r * c for r, c in layout])
@@ -382,11 +448,12 @@ def R(b,n,l):
  P=b[0];K=int.from_bytes(b[2:4],"little");e=8+int.from_bytes(b[4:8],"little");m=1<<P
  v=np.frombuffer(zlib.decompressobj().decompress(b[8:e],1<<26),"<u2").astype(np.int64);T=[];i=1
  for _ in range(v[0]):a,k=v[i:i+2];f=np.zeros(256,np.int64);f[a:a+k]=v[i+2:i+2+k];i+=2+k;T.append(f)
- c=[]
+ c=[];Z=[];z=0
  for r,q in l:
-  o=v[i];k=v[i+1];i+=2
+  o=v[i];k=v[i+1];i+=2;z+=r*q
   if o==0:c.append(np.full(r*q,k));continue
-  g=r if o==1 else q;y=v[i:i+k][v[i+k:i+k+g]];i+=k+g;c.append(np.repeat(y,q)if o==1 else np.tile(y,r))
+  g=q if o==2 else r;y=v[i:i+k][v[i+k:i+k+g]];i+=k+g;c.append(np.tile(y,r)if o==2 else np.repeat(y,q))
+  if o==3:Z.append((z-r*q,q,v[i:i+r]));i+=r
  c=np.concatenate(c).astype(np.uint32)<<P;Q=[(f,np.repeat(np.arange(256),f))for f in T]
  s=np.concatenate([q for f,q in Q]).astype(np.uint8);F=np.concatenate([f[q]for f,q in Q]).astype(np.uint32)
  B=np.concatenate([np.arange(m)-(np.cumsum(f)-f)[q]for f,q in Q]).astype(np.uint32)
@@ -394,5 +461,7 @@ def R(b,n,l):
  for a in range(0,n,K or 1):
   h=min(K,n-a);j=c[a:a+h]|x[:h]&m-1;u[a:a+h]=s[j];y=F[j]*(x[:h]>>P)+B[j];t=y<65536;k=t.sum();y[t]=y[t]<<16|w[p:p+k];p+=k;x[:h]=y
  if p!=w.size or(x!=65536).any():E("bad rans stream")
+ for a,q,d in Z:
+  for r in np.flatnonzero(d):u[a+r*q:a+r*q+q]+=u[a+(r-d[r])*q:a+(r-d[r])*q+q]
  return u.tobytes()
 '''
