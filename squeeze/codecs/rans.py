@@ -268,14 +268,13 @@ def decode_symbols(states: np.ndarray, words: np.ndarray, ctx: np.ndarray, table
     n, lanes = ctx.size, states.size
     slot_sym, slot_freq, slot_bias = _slot_tables(tables, prob_bits)
     mask = (1 << prob_bits) - 1
-    ctx_hi = ctx.astype(np.uint32) << prob_bits
     x = states.astype(np.uint32).copy()
     words = words.astype(np.uint32)
     out = np.empty(n, dtype=np.uint8)
     p = 0
     for a in range(0, n, max(lanes, 1)):
         w = min(lanes, n - a)
-        idx = ctx_hi[a:a + w] | (x[:w] & mask)
+        idx = (ctx[a:a + w].astype(np.uint32) << prob_bits) | (x[:w] & mask)
         out[a:a + w] = slot_sym[idx]
         y = slot_freq[idx] * (x[:w] >> prob_bits) + slot_bias[idx]
         low = y < STATE_LOW
@@ -347,7 +346,7 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str):
             t = int(cur.take()[0])
             if t >= n_tables:
                 raise FormatError(f"{what}: table index {t} out of range")
-            ctx_parts.append(np.full(rows * cols, t, dtype=np.int64))
+            ctx_parts.append(np.full(rows * cols, t, dtype=np.uint16))
             continue
         if mode not in (1, 2, 3):
             raise FormatError(f"{what}: unknown part mode {mode}")
@@ -358,6 +357,7 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str):
         cls = cur.take(cols if mode == 2 else rows)
         if (ids >= n_tables).any() or (cls >= k).any():
             raise FormatError(f"{what}: class or table index out of range")
+        ids = ids.astype(np.uint16)  # 2 bytes per position: a declared size costs the reader 3 bytes a symbol at most
         ctx_parts.append(np.tile(ids[cls], rows) if mode == 2 else np.repeat(ids[cls], cols))
         if mode == 3:
             back = cur.take(rows)
@@ -366,7 +366,7 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str):
             references.append((offset - rows * cols, cols, back))
     if cur.i != cur.v.size:
         raise FormatError(f"{what}: model has {cur.v.size - cur.i} values too many")
-    ctx = np.concatenate(ctx_parts) if ctx_parts else np.zeros(0, dtype=np.int64)
+    ctx = np.concatenate(ctx_parts) if ctx_parts else np.zeros(0, dtype=np.uint16)
     return tables, ctx, references
 
 
@@ -426,7 +426,7 @@ def stream_costs(stored: bytes, raw: bytes, layout) -> tuple[int, list]:
             row, ref = offset + r * cols, offset + (r - back[r]) * cols
             sym[row:row + cols] -= sym[ref:ref + cols]
     sym = sym.astype(np.int64)
-    freq = np.stack(tables).ravel()[ctx * 256 + sym] if sym.size else np.zeros(0)
+    freq = np.stack(tables).ravel()[ctx.astype(np.int64) * 256 + sym] if sym.size else np.zeros(0)
     bits = prob_bits - np.log2(np.maximum(freq, 1))
     ends = np.cumsum([r * c for r, c in layout])
     starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
