@@ -223,19 +223,18 @@ def lanes_for(n: int) -> int:
     return 0 if n == 0 else max(1, min(MAX_LANES, n // MIN_STEPS))
 
 
-def _slot_tables(tables: list, prob_bits: int):
-    """Per table, per slot: symbol, its frequency, and slot − cum (the decoder's lookup tables), concatenated."""
+def _slot_tables(tables: list, prob_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The decoder's lookup tables, per table and slot, concatenated: the slot's symbol, and its frequency f and
+    slot − cum packed as f·2^P + (slot − cum) (one gather per symbol instead of two; both fit: f ≤ 2^P)."""
     m = 1 << prob_bits
-    sym, freq, bias = [], [], []
+    sym, packed = [], []
     for f in tables:
         f = np.asarray(f, dtype=np.int64)
-        cum = np.concatenate([[0], np.cumsum(f)[:-1]])
+        cum = np.cumsum(f) - f
         s = np.repeat(np.arange(f.size), f)
         sym.append(s)
-        freq.append(f[s])
-        bias.append(np.arange(m) - cum[s])
-    return (np.concatenate(sym).astype(np.uint8), np.concatenate(freq).astype(np.uint32),
-            np.concatenate(bias).astype(np.uint32))
+        packed.append((f[s] << prob_bits) | (np.arange(m) - cum[s]))
+    return np.concatenate(sym).astype(np.uint8), np.concatenate(packed).astype(np.uint32)
 
 
 def encode_symbols(sym: np.ndarray, ctx: np.ndarray, tables: list, lanes: int, prob_bits: int = PROB_BITS):
@@ -264,19 +263,23 @@ def encode_symbols(sym: np.ndarray, ctx: np.ndarray, tables: list, lanes: int, p
 
 def decode_symbols(states: np.ndarray, words: np.ndarray, ctx: np.ndarray, tables: list, prob_bits: int,
                    what: str = "rans") -> np.ndarray:
-    """Inverse of encode_symbols; FormatError if the stream is inconsistent (too few words, bad final state)."""
+    """Inverse of encode_symbols; FormatError if the stream is inconsistent (too few words, bad final state).
+
+    Each step decodes one symbol in every lane with a handful of numpy calls on `lanes`-long vectors; the slot
+    indices are kept and mapped to symbols once at the end (one large gather beats one per step)."""
     n, lanes = ctx.size, states.size
-    slot_sym, slot_freq, slot_bias = _slot_tables(tables, prob_bits)
+    slot_sym, slot_packed = _slot_tables(tables, prob_bits)
     mask = (1 << prob_bits) - 1
     x = states.astype(np.uint32).copy()
     words = words.astype(np.uint32)
-    out = np.empty(n, dtype=np.uint8)
+    slots = np.empty(n, dtype=np.uint32)
     p = 0
     for a in range(0, n, max(lanes, 1)):
         w = min(lanes, n - a)
         idx = (ctx[a:a + w].astype(np.uint32) << prob_bits) | (x[:w] & mask)
-        out[a:a + w] = slot_sym[idx]
-        y = slot_freq[idx] * (x[:w] >> prob_bits) + slot_bias[idx]
+        slots[a:a + w] = idx
+        packed = slot_packed[idx]
+        y = (packed >> prob_bits) * (x[:w] >> prob_bits) + (packed & mask)
         low = y < STATE_LOW
         k = int(np.count_nonzero(low))
         if p + k > words.size:
@@ -286,7 +289,7 @@ def decode_symbols(states: np.ndarray, words: np.ndarray, ctx: np.ndarray, table
         x[:w] = y
     if p != words.size or (lanes and not np.all(x == STATE_LOW)):
         raise FormatError(f"{what}: stream does not end where it should (damaged)")
-    return out
+    return slot_sym[slots]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -455,12 +458,14 @@ def R(b,n,l):
   g=q if o==2 else r;y=v[i:i+k][v[i+k:i+k+g]];i+=k+g;c.append(np.tile(y,r)if o==2 else np.repeat(y,q))
   if o==3:Z.append((z-r*q,q,v[i:i+r]));i+=r
  c=np.concatenate(c).astype(np.uint32)<<P;Q=[(f,np.repeat(np.arange(256),f))for f in T]
- s=np.concatenate([q for f,q in Q]).astype(np.uint8);F=np.concatenate([f[q]for f,q in Q]).astype(np.uint32)
- B=np.concatenate([np.arange(m)-(np.cumsum(f)-f)[q]for f,q in Q]).astype(np.uint32)
- x=np.frombuffer(b,"<u4",K,e).copy();w=np.frombuffer(b,"<u2",offset=e+4*K).astype(np.uint32);p=0;u=np.empty(n,np.uint8)
+ s=np.concatenate([q for f,q in Q]).astype(np.uint8)
+ F=np.concatenate([f[q]<<P|np.arange(m)-(np.cumsum(f)-f)[q]for f,q in Q]).astype(np.uint32)
+ x=np.frombuffer(b,"<u4",K,e).copy();w=np.frombuffer(b,"<u2",offset=e+4*K).astype(np.uint32);p=0;J=np.empty(n,np.uint32)
  for a in range(0,n,K or 1):
-  h=min(K,n-a);j=c[a:a+h]|x[:h]&m-1;u[a:a+h]=s[j];y=F[j]*(x[:h]>>P)+B[j];t=y<65536;k=t.sum();y[t]=y[t]<<16|w[p:p+k];p+=k;x[:h]=y
+  h=min(K,n-a);j=c[a:a+h]|x[:h]&m-1;J[a:a+h]=j;g=F[j];y=(g>>P)*(x[:h]>>P)+(g&m-1);t=y<65536;k=np.count_nonzero(t)
+  y[t]=y[t]<<16|w[p:p+k];p+=k;x[:h]=y
  if p!=w.size or(x!=65536).any():E("bad rans stream")
+ u=s[J]
  for a,q,d in Z:
   for r in np.flatnonzero(d):u[a+r*q:a+r*q+q]+=u[a+(r-d[r])*q:a+(r-d[r])*q+q]
  return u.tobytes()
