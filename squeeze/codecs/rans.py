@@ -121,10 +121,11 @@ def row_references(sym2d: np.ndarray) -> np.ndarray:
     back = np.zeros(rows, dtype=np.int64)
     if rows < 16:
         return back
-    f = sym2d.astype(np.float32)
-    f -= f.mean()
+    # Integer-valued float64: every product and sum below is an exact integer (< 2^53), so the search gives the same
+    # answer whatever BLAS and thread count computed it, and compile stays deterministic.
+    f = sym2d.astype(np.float64) - np.round(sym2d.mean())
     norm = (f * f).sum(axis=1)
-    own = (f * f).sum(axis=1)  # squared distance to the mean value: the cost proxy of coding a row plainly
+    own = norm  # squared distance to the mean value: the cost proxy of coding a row plainly
 
     def nearest_earlier(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         d = norm[idx, None] + norm[None, :] - 2 * (f[idx] @ f.T)
