@@ -29,6 +29,7 @@ class TensorRow:
     alias_of: str | None = None
     entropy_bytes: float | None = None  # order-0 entropy of its codes (quantized tensors)
     codes_bytes: int = 0                # its share of its codes section (bytes includes scales too)
+    coder_model: str = ""               # how rans modelled its codes ("table 0", "8 column classes", "40 row refs…")
     overhead_bytes: int = 0             # its share of a rans section's tables, lane states and stream header
 
 
@@ -79,23 +80,23 @@ def _entropy_bytes(data: bytes) -> float:
     return rans.entropy_bits(np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)) / 8
 
 
-def _shares(art: format.Artifact, i: int, parts: list) -> tuple[list, list]:
-    """(bytes, overhead bytes) of each part of section i, summing to the section's stored size."""
+def _shares(art: format.Artifact, i: int, parts: list) -> tuple[list, list, list]:
+    """(bytes, overhead bytes, rans model) of each part of section i; bytes sum to the section's stored size."""
     s = art.sections[i]
     sizes = [n for _, n, _, _ in parts]
     if s["codec"] != "rans" or s["shuffle"] != 1:
-        return _apportion(s["size"], sizes), [0] * len(parts)
+        return _apportion(s["size"], sizes), [0] * len(parts), [""] * len(parts)
     stored = art.blob[art.offsets[i]: art.offsets[i] + s["size"]]
-    overhead, bits = rans.stream_costs(stored, art.section(i), art.layouts[i])
+    overhead, bits, models = rans.stream_costs(stored, art.section(i), art.layouts[i])
     extra = _apportion(overhead, sizes)
     coded = _apportion(s["size"] - overhead, [round(b) for b in bits])
-    return [a + b for a, b in zip(coded, extra)], extra
+    return [a + b for a, b in zip(coded, extra)], extra, models
 
 
 def inspect(path_or_bytes) -> Report:
     art = read_artifact(path_or_bytes)
     art.check_crcs()
-    attributed, raw_of, codecs_of, entropy_of, overhead_of, codes_of = {}, {}, {}, {}, {}, {}
+    attributed, raw_of, codecs_of, entropy_of, overhead_of, codes_of, model_of = {}, {}, {}, {}, {}, {}, {}
     members = {}  # section -> [(offset, raw length, tensor, kind)], in offset order like the section layout
     for t in art.tensors:
         for kind in ("data", "codes", "scales"):
@@ -104,9 +105,9 @@ def inspect(path_or_bytes) -> Report:
     sections = []
     for i, s in enumerate(art.sections):
         parts = sorted(members.get(i, []))
-        shares, overheads = _shares(art, i, parts)
+        shares, overheads, models = _shares(art, i, parts)
         entropy = 0.0
-        for (off, n, name, kind), share, extra in zip(parts, shares, overheads):
+        for (off, n, name, kind), share, extra, model in zip(parts, shares, overheads, models):
             attributed[name] = attributed.get(name, 0) + share
             raw_of[name] = raw_of.get(name, 0) + n
             overhead_of[name] = overhead_of.get(name, 0) + extra
@@ -115,6 +116,8 @@ def inspect(path_or_bytes) -> Report:
                 codecs_of[name].append(s["codec"])
             if kind == "codes":
                 codes_of[name] = share
+                if model:
+                    model_of[name] = model
                 entropy_of[name] = _entropy_bytes(art.section(i)[off: off + n])
                 entropy += entropy_of[name]
         sections.append({"index": i, "name": s["name"], "codec": s["codec"], "shuffle": s["shuffle"],
@@ -134,7 +137,8 @@ def inspect(path_or_bytes) -> Report:
                                  bits_per_weight=round(8 * b / numel, 4) if numel and "alias" not in t else 0.0,
                                  alias_of=t.get("alias"),
                                  entropy_bytes=round(entropy_of[t["name"]], 1) if t["name"] in entropy_of else None,
-                                 overhead_bytes=overhead_of.get(t["name"], 0), codes_bytes=codes_of.get(t["name"], 0)))
+                                 overhead_bytes=overhead_of.get(t["name"], 0), codes_bytes=codes_of.get(t["name"], 0),
+                                 coder_model=model_of.get(t["name"], "")))
         r = roles.setdefault(t["role"], {"tensors": 0, "params": 0, "bytes": 0})
         r["tensors"] += 1
         r["params"] += numel if "alias" not in t else 0
@@ -150,14 +154,15 @@ def inspect(path_or_bytes) -> Report:
 
 def render(report: Report) -> str:
     """The human table: one row per tensor, then roles, sections and totals."""
-    rows = [("tensor", "role", "shape", "scheme", "codec", "bytes", "bits/w", "H0 bytes", "/H0", "overhead")]
+    rows = [("tensor", "role", "shape", "scheme", "codec", "bytes", "bits/w", "H0 bytes", "/H0", "overhead",
+             "rans model")]
     for t in report.tensors:
         h0 = t.entropy_bytes
         rows.append((t.name, t.role, "×".join(map(str, t.shape)) or "scalar", t.scheme, t.codec,
                      f"{t.bytes:,}", f"{t.bits_per_weight:.3f}" if t.alias_of is None else "-",
                      f"{h0:,.0f}" if h0 is not None else "-",
                      f"{t.codes_bytes / h0:.3f}" if h0 else "-",
-                     f"{t.overhead_bytes:,}" if t.overhead_bytes else "-"))
+                     f"{t.overhead_bytes:,}" if t.overhead_bytes else "-", t.coder_model or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = {5, 6, 7, 8, 9}
     lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))

@@ -9,6 +9,7 @@ Decoding is vectorised over `lanes` interleaved states, so numpy alone decodes t
 the emitted tiny decoder runs the same loop (squeeze/decoder.py). Encoding runs the same loop backwards.
 """
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -326,9 +327,18 @@ class _Cursor:
         return out
 
 
-def parse_model(values: np.ndarray, layout, prob_bits: int, what: str):
-    """(tables as 256-entry frequency arrays, table index per symbol position, row references as
-    [(part offset, cols, back distances)]), checking every rule of the spec."""
+@dataclass
+class Model:
+    """A parsed model: tables as 256-entry frequency arrays, the table index of every symbol position, the row
+    references of mode-3 parts as (part offset, cols, back distances), and a short description of each part's model."""
+    tables: list
+    ctx: np.ndarray
+    references: list
+    part_models: list
+
+
+def parse_model(values: np.ndarray, layout, prob_bits: int, what: str) -> Model:
+    """The model of a stream, checking every rule of the spec."""
     cur = _Cursor(values.astype(np.int64), what)
     n_tables = int(cur.take()[0])
     if n_tables > MAX_TABLES:
@@ -342,7 +352,7 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str):
         full = np.zeros(256, dtype=np.int64)
         full[lo:lo + n] = f
         tables.append(full)
-    ctx_parts, references, offset = [], [], 0
+    ctx_parts, references, part_models, offset = [], [], [], 0
     for rows, cols in layout:
         offset += rows * cols
         mode = int(cur.take()[0])
@@ -351,6 +361,7 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str):
             if t >= n_tables:
                 raise FormatError(f"{what}: table index {t} out of range")
             ctx_parts.append(np.full(rows * cols, t, dtype=np.uint16))
+            part_models.append(f"table {t}")
             continue
         if mode not in (1, 2, 3):
             raise FormatError(f"{what}: unknown part mode {mode}")
@@ -363,15 +374,17 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str):
             raise FormatError(f"{what}: class or table index out of range")
         ids = ids.astype(np.uint16)  # 2 bytes per position: a declared size costs the reader 3 bytes a symbol at most
         ctx_parts.append(np.tile(ids[cls], rows) if mode == 2 else np.repeat(ids[cls], cols))
+        part_models.append(f"{k} {'column' if mode == 2 else 'row'} classes")
         if mode == 3:
             back = cur.take(rows)
             if (back > np.arange(rows)).any():
                 raise FormatError(f"{what}: a row refers to a row before the part")
             references.append((offset - rows * cols, cols, back))
+            part_models[-1] = f"{np.count_nonzero(back)} row refs + {k - 1} row classes"
     if cur.i != cur.v.size:
         raise FormatError(f"{what}: model has {cur.v.size - cur.i} values too many")
     ctx = np.concatenate(ctx_parts) if ctx_parts else np.zeros(0, dtype=np.uint16)
-    return tables, ctx, references
+    return Model(tables, ctx, references, part_models)
 
 
 def undo_row_references(sym: np.ndarray, references) -> np.ndarray:
@@ -383,9 +396,18 @@ def undo_row_references(sym: np.ndarray, references) -> np.ndarray:
     return sym
 
 
-def _read_stream(stored: bytes, raw_size: int, layout, what: str = "rans"):
-    """Check and parse everything but the words: (prob_bits, tables, ctx, row references, states, words, overhead
-    bytes)."""
+@dataclass
+class Stream:
+    """A checked stream: everything but the decoding of its words. `overhead`: bytes before the words."""
+    prob_bits: int
+    model: Model
+    states: np.ndarray
+    words: np.ndarray
+    overhead: int
+
+
+def read_stream(stored: bytes, raw_size: int, layout, what: str = "rans") -> Stream:
+    """Check and parse a stream's header, model and lane states (FormatError on any broken rule)."""
     if sum(r * c for r, c in layout) != raw_size:
         raise FormatError("rans: the section layout does not cover the section")
     if len(stored) < 8:
@@ -407,34 +429,34 @@ def _read_stream(stored: bytes, raw_size: int, layout, what: str = "rans"):
         raise FormatError(f"rans: model is damaged ({e})") from None
     if not d.eof or len(model) % 2 or len(model) > model_bound(layout):
         raise FormatError("rans: model is damaged")
-    tables, ctx, references = parse_model(np.frombuffer(model, "<u2"), layout, prob_bits, what)
+    parsed = parse_model(np.frombuffer(model, "<u2"), layout, prob_bits, what)
     states = np.frombuffer(stored, "<u4", lanes, body)
     if (states < STATE_LOW).any():
         raise FormatError("rans: invalid final state")
     words = np.frombuffer(stored, "<u2", offset=body + 4 * lanes)
-    return prob_bits, tables, ctx, references, states, words, body + 4 * lanes
+    return Stream(prob_bits, parsed, states, words, body + 4 * lanes)
 
 
 def decode(stored: bytes, raw_size: int, layout) -> bytes:
-    prob_bits, tables, ctx, references, states, words, _ = _read_stream(stored, raw_size, layout)
-    return undo_row_references(decode_symbols(states, words, ctx, tables, prob_bits), references).tobytes()
+    st = read_stream(stored, raw_size, layout)
+    sym = decode_symbols(st.states, st.words, st.model.ctx, st.model.tables, st.prob_bits)
+    return undo_row_references(sym, st.model.references).tobytes()
 
 
-def stream_costs(stored: bytes, raw: bytes, layout) -> tuple[int, list]:
+def stream_costs(stored: bytes, raw: bytes, layout) -> tuple[int, list, list]:
     """Where a rans section's bytes went: (overhead bytes: stream header, model and lane states; the coded bits of
-    each part under its tables, in layout order). For inspect."""
-    prob_bits, tables, ctx, references, _, _, overhead = _read_stream(stored, len(raw), layout)
+    each part under its tables, in layout order; each part's model described). For inspect."""
+    st = read_stream(stored, len(raw), layout)
     sym = np.frombuffer(raw, dtype=np.uint8).copy()
-    for offset, cols, back in references[::-1]:  # the coded symbols: differences, undone in reverse row order
+    for offset, cols, back in st.model.references[::-1]:  # the coded symbols: differences, undone in reverse order
         for r in np.flatnonzero(back)[::-1]:
             row, ref = offset + r * cols, offset + (r - back[r]) * cols
             sym[row:row + cols] -= sym[ref:ref + cols]
-    sym = sym.astype(np.int64)
-    freq = np.stack(tables).ravel()[ctx.astype(np.int64) * 256 + sym] if sym.size else np.zeros(0)
-    bits = prob_bits - np.log2(np.maximum(freq, 1))
-    ends = np.cumsum([r * c for r, c in layout])
-    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-    return overhead, [float(bits[a:b].sum()) for a, b in zip(starts, ends)]
+    freq = np.stack(st.model.tables).ravel()[st.model.ctx.astype(np.int64) * 256 + sym] if sym.size else np.zeros(0)
+    bits = st.prob_bits - np.log2(np.maximum(freq, 1))
+    ends = np.cumsum([r * c for r, c in layout]).astype(np.int64)
+    starts = ends - [r * c for r, c in layout]
+    return st.overhead, [float(bits[a:b].sum()) for a, b in zip(starts, ends)], st.model.part_models
 
 
 # The tiny decoder's part (squeeze/decoder.py): V(header) gives each section's parts as (offset, length, name,
