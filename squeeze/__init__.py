@@ -3,12 +3,14 @@
     blob = squeeze.compile(state_dict, squeeze.Recipe.load("recipes/int6-mixed.toml"))
     tensors = squeeze.load(blob)           # or a path
     report = squeeze.inspect(blob)         # where every byte went
+    result = squeeze.verify.verify("model.sqz", "final_model.pt", "val_*.bin", "tokenizer.model")  # BPB drift
 """
 from .compiler import __version__, compile, compile_state_dict
 from .errors import CheckpointError, FormatError, RecipeError, SqueezeError
 from .inspect import inspect
 from .loader import load
 from .recipe import Recipe
+from . import verify
 
 __all__ = ["compile", "compile_state_dict", "load", "inspect", "Recipe", "SqueezeError", "FormatError",
            "RecipeError", "CheckpointError", "__version__"]

@@ -3,7 +3,7 @@ import json
 import os
 import sys
 import tempfile
-from functools import wraps
+from functools import partial, wraps
 from pathlib import Path
 
 import click
@@ -15,18 +15,28 @@ from .errors import SqueezeError
 from .inspect import inspect as inspect_artifact, render
 from .loader import load as load_artifact, read_artifact
 from .recipe import Recipe
+from .verify import verify as verify_artifact
+from .verify.report import render as render_verify
 
 
-def _friendly(fn):
-    """Turn SqueezeError (and unreadable paths) into `squeeze: error: <one line>` with exit status 2."""
+def _friendly(fn, *, prints_errors=lambda: True):
+    """Turn SqueezeError (and unreadable paths) into `squeeze: error: <one line>` with exit status 2; the line is
+    printed when prints_errors() says so."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except SqueezeError as e:
-            click.echo(f"squeeze: error: {e}", err=True)
+            if prints_errors():
+                click.echo(f"squeeze: error: {e}", err=True)
             sys.exit(2)
     return wrapper
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 under torchrun, or a plain process. Every rank reads the same inputs, so all fail alike on a bad one,
+    and only rank 0 prints the line."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def write_atomically(path: str, data: bytes, check=None):
@@ -86,6 +96,50 @@ def inspect(artifact, as_json):
     """Show where every byte of ARTIFACT went."""
     report = inspect_artifact(artifact)
     click.echo(json.dumps(report.to_dict(), indent=1) if as_json else render(report))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--ckpt", "checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="The checkpoint the artifact was compiled from.")
+@click.option("--val", required=True, help="Validation shards, a glob (quote it), e.g. 'data/fineweb_val_*.bin'.")
+@click.option("--tokenizer", required=True, type=click.Path(dir_okay=False), help="SentencePiece .model file.")
+@click.option("--model", default="pgolf", show_default=True,
+              help="pgolf (the baseline GPT), or your own: FILE.py:NAME or package.module:NAME.")
+@click.option("--model-config", type=click.Path(dir_okay=False), default=None,
+              help="JSON object: pgolf config overrides (rope_base, logit_softcap, ...) or your model's config.")
+@click.option("--seq-len", default=1024, show_default=True, type=click.IntRange(min=1), help="Window length.")
+@click.option("--stride", default=None, type=click.IntRange(min=1),
+              help="Sliding windows advancing by this many tokens (default: non-overlapping windows).")
+@click.option("--max-tokens", default=None, type=click.IntRange(min=1),
+              help="Score at most this many tokens, from the start of the stream.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Windows per forward pass.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available).")
+@click.option("--max-drift", default=None, type=float,
+              help="Exit with status 1 when decoded val_bpb exceeds the original's by more than this.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@partial(_friendly, prints_errors=_is_main_rank)
+def verify(artifact, checkpoint, val, tokenizer, model, model_config, seq_len, stride, max_tokens, batch_size,
+           device, max_drift, as_json, quiet):
+    """Score the --ckpt weights and ARTIFACT's decoded weights on the validation shards: val_loss, val_bpb, drift.
+
+    Under torchrun (torchrun --nproc_per_node=N -m squeeze verify ...) the windows are split across processes and
+    only rank 0 prints.
+    """
+    result = verify_artifact(artifact, checkpoint, val, tokenizer, model=model, model_config=model_config,
+                             seq_len=seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
+                             device=device, progress=not quiet)
+    main_rank = _is_main_rank()
+    if main_rank:
+        report = result.to_dict()
+        report["max_drift"] = max_drift
+        click.echo(json.dumps(report, indent=1) if as_json else render_verify(result))
+    if max_drift is not None and result.drift_exceeds(max_drift):
+        if main_rank:
+            click.echo(f"squeeze: val_bpb drift {result.drift_bpb:+.6f} exceeds --max-drift {max_drift}", err=True)
+        sys.exit(1)
 
 
 @main.command("emit-decoder")

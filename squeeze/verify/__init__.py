@@ -1,0 +1,121 @@
+"""verify: how much an artifact's round trip moves the validation score (the challenge's val_bpb).
+
+    result = squeeze.verify.verify("model.sqz", checkpoint="final_model.pt", val="data/fineweb_val_*.bin",
+                                   tokenizer="data/tokenizers/fineweb_1024_bpe.model")
+    result.original.val_bpb, result.decoded.val_bpb, result.drift_bpb
+
+The checkpoint's weights and the artifact's weights, decoded by the emitted tiny decoder, are each loaded into the
+same model (models.py) and scored on the same windows of the validation stream (windows.py, eval.py), with bytes
+counted as the challenge counts them (bpb.py). Under torchrun every rank scores a slice and the sums are combined
+(dist.py); every rank returns the same result.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import load_checkpoint
+from ..errors import SqueezeError
+from . import dist, models
+from .bpb import byte_table, load_tokenizer
+from .eval import Score, pick_device, precision, score
+from .stream import load_stream
+from .weights import check_same_tensors, decode_with_shipped_decoder
+from .windows import plan_windows
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    original: Score        # the checkpoint's weights
+    decoded: Score         # the artifact's weights, through the emitted decoder
+    artifact: str
+    artifact_bytes: int
+    params: int            # parameters of the checkpoint (every tensor's elements)
+    checkpoint: str
+    val: str
+    model: str
+    seq_len: int
+    stride: int | None     # None: non-overlapping windows
+    device: str
+    precision: str
+    world_size: int
+
+    @property
+    def drift_loss(self) -> float:
+        return self.decoded.val_loss - self.original.val_loss
+
+    @property
+    def drift_bpb(self) -> float:
+        return self.decoded.val_bpb - self.original.val_bpb
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.artifact_bytes / max(self.params, 1)
+
+    def drift_exceeds(self, max_drift: float) -> bool:
+        """The decoded weights score more than `max_drift` bits per byte worse than the original ones."""
+        return self.drift_bpb > max_drift
+
+    def to_dict(self) -> dict:
+        return {
+            "original": self.original.to_dict(),
+            "decoded": self.decoded.to_dict(),
+            "drift": {"val_loss": self.drift_loss, "val_bpb": self.drift_bpb},
+            "artifact": {"path": self.artifact, "bytes": self.artifact_bytes, "params": self.params,
+                         "bits_per_param": self.bits_per_param},
+            "settings": {"checkpoint": self.checkpoint, "val": self.val, "model": self.model, "seq_len": self.seq_len,
+                         "stride": self.stride, "device": self.device, "precision": self.precision,
+                         "world_size": self.world_size},
+        }
+
+
+def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUILTIN, model_config=None,
+           seq_len: int = 1024, stride: int | None = None, max_tokens: int | None = None, batch_size: int = 32,
+           device: str | None = None, progress: bool = False) -> VerifyResult:
+    """Score the checkpoint's weights and the artifact's decoded weights on the validation shards matching `val`.
+
+    model: "pgolf" or "FILE.py:NAME" / "package.module:NAME" (contract in squeeze/verify/models.py).
+    model_config: a dict, or the path of a JSON file (see models.load_model_config).
+    seq_len, stride: windows (squeeze/verify/windows.py); max_tokens: score at most this many predictions, from the
+    start of the stream. batch_size: windows per forward pass. device: default CUDA when available, else CPU.
+    progress: a progress bar on stderr (rank 0 only, and only when stderr is a terminal).
+    """
+    procs = dist.from_env()
+    torch_device = pick_device(device, procs)
+    table = byte_table(load_tokenizer(tokenizer))
+    stream = load_stream(val, table.vocab_size, max_tokens)
+    plan = plan_windows(stream.numel(), seq_len, stride,
+                        source=val if max_tokens is None else f"{val} (cut by --max-tokens {max_tokens})")
+
+    original_weights = load_checkpoint(checkpoint)
+    check_same_tensors(artifact, checkpoint, original_weights)
+    if model_config is None:
+        config, config_source = {}, "--model-config"
+    elif isinstance(model_config, dict):
+        config, config_source = dict(model_config), "--model-config"
+    else:
+        config, config_source = models.load_model_config(model_config), str(model_config)
+    build = models.resolve(model, config, config_source)
+    decoded_weights = decode_with_shipped_decoder(artifact)
+
+    def run(weights: dict, source: str, label: str) -> Score:
+        net = build(weights, source).to(torch_device).eval()
+        vocab = models.vocab_of(net, torch_device, model)
+        if vocab != table.vocab_size:
+            raise SqueezeError(f"{tokenizer}: vocabulary of {table.vocab_size} tokens, but the model predicts "
+                               f"{vocab}")
+        return score(net, stream, table, plan, batch_size=batch_size, device=torch_device, procs=procs,
+                     progress_label=label if progress and procs.is_main else None)
+
+    created = dist.start(procs, torch_device)
+    try:
+        original = run(original_weights, str(checkpoint), "original")
+        decoded = run(decoded_weights, str(artifact), "decoded")
+    finally:
+        dist.stop(created)
+    return VerifyResult(
+        original=original, decoded=decoded, artifact=str(artifact), artifact_bytes=Path(artifact).stat().st_size,
+        params=sum(t.numel() for t in original_weights.values()), checkpoint=str(checkpoint), val=val, model=model,
+        seq_len=seq_len, stride=stride, device=str(torch_device), precision=precision(torch_device),
+        world_size=procs.world_size)
+
+
+__all__ = ["verify", "VerifyResult", "Score"]

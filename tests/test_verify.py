@@ -1,0 +1,255 @@
+"""squeeze.verify as a library: BPB as the challenge computes it, checked against independent computations; windows;
+models (built-in, the user's own); the progress bar; CUDA (skipped without a GPU)."""
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import squeeze
+from squeeze.data import read_shard
+from squeeze.errors import SqueezeError
+from squeeze.models.pgolf import GPT
+from squeeze.verify import verify
+from squeeze.verify.bpb import byte_table, load_tokenizer
+from squeeze.verify.eval import score
+from squeeze.verify.progress import ProgressBar
+from squeeze.verify.windows import plan_windows
+
+from conftest import CKPT, FIXTURES, RECIPES
+
+spm = pytest.importorskip("sentencepiece")
+
+VAL = str(FIXTURES / "val_000000.bin")
+TOKENIZER = FIXTURES / "tokenizer_1024_bpe.model"
+PREFIX = 4096  # predictions scored by the quick tests: 16 windows of 256
+
+
+@pytest.fixture(scope="module")
+def sp():
+    return spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return read_shard(VAL)
+
+
+@pytest.fixture(scope="module")
+def model(fixture_sd):
+    return GPT.from_state_dict({k: v.float() for k, v in fixture_sd.items()}).eval()
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(fixture_sd, tmp_path_factory):
+    path = tmp_path_factory.mktemp("verify") / "int8.sqz"
+    path.write_bytes(squeeze.compile(fixture_sd, squeeze.Recipe.load(RECIPES / "int8-baseline.toml")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prefix_result(int8_artifact):
+    return verify(int8_artifact, CKPT, VAL, TOKENIZER, seq_len=256, max_tokens=PREFIX, device="cpu")
+
+
+def piece_bytes(sp, prev: int, token: int) -> int:
+    """The challenge's byte rule, written out for one token, without squeeze's tables."""
+    def silent(t):
+        return sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t)
+    if silent(token):
+        return 0
+    if sp.is_byte(token):
+        return 1
+    piece = sp.id_to_piece(token)
+    space = piece[0] == "\u2581"
+    return len(piece[1:].encode("utf-8") if space else piece.encode("utf-8")) + int(space and not silent(prev))
+
+
+@torch.no_grad()
+def reference(model, stream, seq_len: int, sp) -> tuple:
+    """val_loss and val_bpb the straightforward way: one window at a time, float64 log-softmax, bytes token by token."""
+    loss, n_tokens, n_bytes = 0.0, 0, 0
+    for w in range((len(stream) - 1) // seq_len):
+        x = [int(t) for t in stream[w * seq_len:(w + 1) * seq_len]]
+        y = [int(t) for t in stream[w * seq_len + 1:(w + 1) * seq_len + 1]]
+        logp = torch.log_softmax(model(torch.tensor([x]))[0].double(), dim=-1)
+        for i in range(seq_len):
+            loss -= logp[i, y[i]].item()
+            n_bytes += piece_bytes(sp, x[i], y[i])
+            n_tokens += 1
+    return loss / n_tokens, loss / math.log(2) / n_bytes
+
+
+def test_byte_table_counts_the_bytes_of_the_decoded_text(sp, tokens):
+    """Over whole documents, the per-token byte counts add up to the UTF-8 length of the text the tokenizer decodes,
+    and the per-token rule written out in this test agrees token by token."""
+    table = byte_table(load_tokenizer(TOKENIZER))
+    ids = torch.from_numpy(tokens)
+    counts = table.count(ids[:-1], ids[1:])
+    assert int(counts.sum()) == sum(len(sp.decode(doc).encode("utf-8")) for doc in documents(tokens))
+    assert counts[:3000].tolist() == [piece_bytes(sp, int(a), int(b)) for a, b in zip(tokens[:3000], tokens[1:3001])]
+    assert table.count(torch.tensor([1]), ids[1:2]).item() == piece_bytes(sp, 1, int(tokens[1]))  # after BOS
+
+
+def documents(tokens) -> list:
+    bos = [i for i, t in enumerate(tokens.tolist()) if t == 1] + [len(tokens)]
+    assert bos[0] == 0 and len(bos) == 3  # the fixture: Macbeth, then part of The Tempest
+    return [tokens[a + 1:b].tolist() for a, b in zip(bos, bos[1:])]
+
+
+def test_original_bpb_reproduces_the_fixture_record(model, tokens):
+    """fixtures/pgolf_4x256.json: val_loss 3.566734, val_bpb 2.129402 (fp32, 256-token windows, all 65,536)."""
+    table = byte_table(load_tokenizer(TOKENIZER))
+    result = score(model, torch.from_numpy(tokens), table, plan_windows(len(tokens), 256), batch_size=32)
+    assert result.tokens == 65_536
+    assert abs(result.val_loss - 3.566734) < 1e-6 and abs(result.val_bpb - 2.129402) < 1e-6
+
+
+def test_verify_equals_a_plain_loop(prefix_result, model, tokens, sp, int8_artifact):
+    loss, bpb = reference(model, tokens[:PREFIX + 1], 256, sp)
+    assert prefix_result.original.tokens == PREFIX
+    assert prefix_result.original.bytes == sum(piece_bytes(sp, int(a), int(b))
+                                               for a, b in zip(tokens[:PREFIX], tokens[1:PREFIX + 1]))
+    assert abs(prefix_result.original.val_loss - loss) < 1e-6 and abs(prefix_result.original.val_bpb - bpb) < 1e-6
+    # the decoded side equals the library loader's weights, scored the same way
+    decoded = GPT.from_state_dict({k: v.float() for k, v in squeeze.load(int8_artifact).items()}).eval()
+    loss, bpb = reference(decoded, tokens[:PREFIX + 1], 256, sp)
+    assert abs(prefix_result.decoded.val_bpb - bpb) < 1e-6
+    assert 0 < prefix_result.drift_bpb < 0.01  # int8 moves it, a little
+    assert prefix_result.drift_bpb == prefix_result.decoded.val_bpb - prefix_result.original.val_bpb
+    assert prefix_result.artifact_bytes == int8_artifact.stat().st_size and prefix_result.params == 2_101_776
+
+
+# ---------------------------------------------------------------- windows
+
+@pytest.mark.parametrize("n_tokens,seq_len,stride", [(100, 16, 16), (100, 16, 5), (101, 16, 1), (17, 16, 4),
+                                                     (1000, 64, 48), (65, 64, 64)])
+def test_sliding_windows_score_every_prediction_once_with_context(n_tokens, seq_len, stride):
+    plan = plan_windows(n_tokens, seq_len, stride)
+    assert (plan.starts >= 0).all() and (plan.starts + seq_len <= n_tokens - 1).all()  # full windows, in the stream
+    scored = np.concatenate([np.arange(s + f, s + seq_len) for s, f in zip(plan.starts, plan.score_from)])
+    assert sorted(scored.tolist()) == list(range(n_tokens - 1))  # each prediction exactly once
+    context = np.concatenate([np.arange(f, seq_len) + 1 for f in plan.score_from[1:]] or [np.zeros(0)])
+    assert (context >= seq_len - stride + 1).all()
+    assert plan.scored_tokens == n_tokens - 1
+
+
+def test_non_overlapping_windows_drop_the_tail_like_the_challenge():
+    plan = plan_windows(1000, 64)
+    assert plan.starts.tolist() == [64 * k for k in range(15)] and (plan.score_from == 0).all()
+    same = plan_windows(1025, 64, stride=64)  # stride = seq_len and no tail: the same windows
+    assert same.starts.tolist() == plan_windows(1025, 64).starts.tolist() and (same.score_from == 0).all()
+
+
+@pytest.mark.parametrize("stride", [1, 7, 32])
+@torch.no_grad()
+def test_sliding_bpb_equals_a_brute_force_reference(model, tokens, stride):
+    """Per prediction, by the definition: scored by the window of the stride grid whose last `stride` positions hold
+    it (the first window: all of its positions), the last window moved back to the stream's end; the model reads
+    that window's tokens up to the prediction."""
+    stream, seq_len = tokens[:97], 32
+    predictions = len(stream) - 1
+    loss, n_bytes = 0.0, 0
+    table = byte_table(load_tokenizer(TOKENIZER))
+    for t in range(predictions):
+        start = 0 if t < seq_len else -(-(t + 1 - seq_len) // stride) * stride
+        if start + seq_len > predictions:
+            start = predictions - seq_len
+        logits = model(torch.from_numpy(stream[start:t + 1])[None])[0, -1]
+        loss += F.cross_entropy(logits[None].double(), torch.tensor([int(stream[t + 1])])).item()
+        n_bytes += int(table.count(torch.tensor([int(stream[t])]), torch.tensor([int(stream[t + 1])])))
+    got = score(model, torch.from_numpy(stream), table, plan_windows(len(stream), seq_len, stride), batch_size=8)
+    assert got.tokens == predictions and got.bytes == n_bytes
+    assert abs(got.loss_nats - loss) < 1e-4 and abs(got.val_bpb - loss / math.log(2) / n_bytes) < 1e-6
+
+
+def test_sliding_window_bpb_is_no_worse_on_the_fixture(model, tokens):
+    table, stream = byte_table(load_tokenizer(TOKENIZER)), torch.from_numpy(tokens[:PREFIX + 1])
+    flat = score(model, stream, table, plan_windows(len(stream), 256))
+    sliding = score(model, stream, table, plan_windows(len(stream), 256, stride=64))
+    assert sliding.tokens == flat.tokens == PREFIX and sliding.bytes == flat.bytes
+    assert sliding.val_bpb < flat.val_bpb
+
+
+# ---------------------------------------------------------------- models
+
+FACTORY = '''
+import torch
+from squeeze.models.pgolf import GPT
+
+SEEN = []
+
+def build(state_dict, config):
+    """The contract: (state_dict, config) -> nn.Module whose forward gives logits [B, T, V]."""
+    SEEN.append(dict(config))
+    return GPT.from_state_dict({k: v.float() for k, v in state_dict.items()}, **config)
+'''
+
+
+def test_user_model_from_a_file_and_from_a_module(tmp_path, monkeypatch, int8_artifact):
+    (tmp_path / "my_arch.py").write_text(FACTORY)
+    from_file = verify(int8_artifact, CKPT, VAL, TOKENIZER, model=f"{tmp_path / 'my_arch.py'}:build",
+                       seq_len=256, max_tokens=1024, device="cpu")
+    pgolf = verify(int8_artifact, CKPT, VAL, TOKENIZER, seq_len=256, max_tokens=1024, device="cpu")
+    for mine, builtin in ((from_file.original, pgolf.original), (from_file.decoded, pgolf.decoded)):
+        assert (mine.loss_nats, mine.tokens, mine.bytes) == (builtin.loss_nats, builtin.tokens, builtin.bytes)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "config.json"
+    config.write_text('{"logit_softcap": 15.0}')
+    from_module = verify(int8_artifact, CKPT, VAL, TOKENIZER, model="my_arch:build", model_config=config,
+                         seq_len=256, max_tokens=1024, device="cpu")
+    import my_arch
+    assert my_arch.SEEN == [{"logit_softcap": 15.0}] * 2  # the original weights, then the decoded ones
+    assert from_module.original.val_bpb != pgolf.original.val_bpb  # the config reached the model
+
+
+def test_pgolf_model_config_overrides_and_unknown_keys(tmp_path, int8_artifact):
+    config = tmp_path / "c.json"
+    config.write_text('{"config": {"rope_base": 500.0}, "eval": {}}')  # fixture-record style, read under "config"
+    changed = verify(int8_artifact, CKPT, VAL, TOKENIZER, model_config=config, seq_len=256, max_tokens=256,
+                     device="cpu")
+    default = verify(int8_artifact, CKPT, VAL, TOKENIZER, seq_len=256, max_tokens=256, device="cpu")
+    assert changed.original.val_loss != default.original.val_loss
+    config.write_text('{"rope_theta": 500.0}')
+    with pytest.raises(SqueezeError, match=f"{config}: unknown key 'rope_theta' for --model pgolf"):
+        verify(int8_artifact, CKPT, VAL, TOKENIZER, model_config=config, seq_len=256, max_tokens=256, device="cpu")
+
+
+def test_fixture_record_is_a_valid_model_config(int8_artifact):
+    result = verify(int8_artifact, CKPT, VAL, TOKENIZER, model_config=FIXTURES / "pgolf_4x256.json", seq_len=256,
+                    max_tokens=256, device="cpu")
+    assert result.original.tokens == 256
+
+
+# ---------------------------------------------------------------- progress
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_draws_only_on_a_terminal():
+    tty, pipe = Terminal(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = ProgressBar("original", 100, stream=stream)
+        bar.advance(40)
+        bar.advance(60)
+        bar.close()
+    assert "100.0%" in tty.getvalue() and "100/100 tokens" in tty.getvalue() and tty.getvalue().endswith("\033[K")
+    assert pipe.getvalue() == ""
+    quiet = Terminal()
+    ProgressBar("original", 100, enabled=False, stream=quiet).advance(100)
+    assert quiet.getvalue() == ""
+
+
+# ---------------------------------------------------------------- CUDA
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_scores_close_to_cpu_fp32(int8_artifact, prefix_result):
+    gpu = verify(int8_artifact, CKPT, VAL, TOKENIZER, seq_len=256, max_tokens=PREFIX, device="cuda")
+    assert gpu.precision == "bf16 autocast" and gpu.original.tokens == PREFIX
+    assert gpu.original.bytes == prefix_result.original.bytes
+    assert abs(gpu.original.val_bpb - prefix_result.original.val_bpb) < 0.02  # bf16 vs fp32 arithmetic
+    assert abs(gpu.drift_bpb - prefix_result.drift_bpb) < 0.01
