@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import decoder
+from .calibrate import calibration_for
 from .checkpoint import load_checkpoint
 from .compiler import __version__, compile_state_dict
 from .errors import SqueezeError
@@ -69,18 +70,40 @@ def main():
               help="Recipe TOML (default: the built-in int6/int8 + brotli recipe).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Artifact to write.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each pass: time and bytes in/out.")
+@click.option("--calib", default=None, help="Calibration token shards for GPTQ, a glob (training data, never val).")
+@click.option("--calib-self", default=0, type=click.IntRange(min=0),
+              help="Calibrate GPTQ on N sequences the model samples itself (no data needed).")
+@click.option("--calib-tokens", default=131072, show_default=True, type=click.IntRange(min=1),
+              help="Calibration tokens read from --calib.")
+@click.option("--calib-seq-len", default=1024, show_default=True, type=click.IntRange(min=2),
+              help="Calibration window (and --calib-self sequence) length.")
+@click.option("--model", default="pgolf", show_default=True,
+              help="The model calibration runs: pgolf, FILE.py:NAME or package.module:NAME (as verify).")
+@click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="JSON config for --model.")
+@click.option("--device", default=None, help="Calibration device (default: cuda when available).")
 @_friendly
-def compile(checkpoint, recipe_path, output, verbose):
-    """Compile CHECKPOINT (.pt state dict or .safetensors) into an artifact."""
+def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_tokens, calib_seq_len, model,
+            model_config, device):
+    """Compile CHECKPOINT (.pt state dict or .safetensors) into an artifact.
+
+    With --calib or --calib-self, quantized matrices get GPTQ codes (recipe key method, default "auto")."""
     recipe = Recipe.load(recipe_path) if recipe_path else Recipe()
     if not Path(output).parent.exists() and str(Path(output).parent) not in ("", "."):
         raise SqueezeError(f"{output}: directory {Path(output).parent} does not exist")
     state_dict = load_checkpoint(checkpoint)
+    hessians = None
+    if calib is not None or calib_self:
+        calibration = calibration_for(state_dict, calib=calib, calib_self=calib_self, model=model,
+                                      model_config=model_config, seq_len=calib_seq_len, n_tokens=calib_tokens,
+                                      device=device)
+        hessians = calibration.hessians
+        if verbose:
+            click.echo(f"  calibration: {calibration.source}; {len(hessians)} linear layers", err=True)
     log = None
     if verbose:
         def log(r):
             click.echo(f"  {r.name:<9} {r.seconds:8.2f} s  {r.bytes_in:>12,} B -> {r.bytes_out:>12,} B", err=True)
-    result = compile_state_dict(state_dict, recipe, log=log)
+    result = compile_state_dict(state_dict, recipe, log=log, hessians=hessians)
     # The written file is re-read and fully decoded before it replaces anything.
     write_atomically(output, result.blob, check=load_artifact)
     params = sum(t.numel() for t in state_dict.values())

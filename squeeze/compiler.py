@@ -4,7 +4,7 @@ import dataclasses
 import torch
 
 from . import codecs, format, pipeline
-from .dtypes import code_of
+from .dtypes import code_of, torch_dtype
 from .errors import CheckpointError
 from .recipe import Recipe
 from .state import State, TensorEntry
@@ -21,6 +21,8 @@ class CompileResult:
 def entries_from_state_dict(state_dict: dict) -> tuple:
     entries = []
     for name, t in state_dict.items():
+        if not (isinstance(name, str) and name and name.isprintable()):  # what format.read accepts
+            raise CheckpointError(f"{name!r}: a tensor name must be a non-empty printable string")
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{name}: not a tensor ({type(t).__name__})")
         try:
@@ -32,6 +34,20 @@ def entries_from_state_dict(state_dict: dict) -> tuple:
             raise CheckpointError(f"{name}: {bad} NaN/Inf value(s); squeeze refuses to compile non-finite weights")
         entries.append(TensorEntry(name=name, dtype=dtype, shape=tuple(t.shape), tensor=t.detach().cpu()))
     return tuple(entries)
+
+
+def check_float_range(state: State):
+    """A tensor kept float in a narrower dtype must fit it: a cast to fp16 turns 1e5 into inf without a word."""
+    for e in state.stored_entries():
+        if e.plan.scheme != "float" or e.plan.store == e.dtype or not e.tensor.numel():
+            continue
+        overflow = ~torch.isfinite(e.tensor.to(torch_dtype(e.plan.store)))
+        if overflow.any():
+            largest = e.tensor[overflow].abs().max().item()
+            raise CheckpointError(
+                f"{e.name}: {int(overflow.sum())} value(s) exceed the range of {e.plan.store} (largest magnitude "
+                f"{largest:.6g}); keep it fp32 with a recipe rule: match = \"{e.name}\", scheme = \"float\", "
+                f"float_dtype = \"fp32\"")
 
 
 def header_of(state: State) -> dict:
@@ -70,12 +86,16 @@ def _write(state: State) -> bytes:
     return min(blobs, key=len)
 
 
-def compile_state_dict(state_dict: dict, recipe: Recipe | None = None, log=None) -> CompileResult:
-    state = State(entries=entries_from_state_dict(state_dict), recipe=recipe or Recipe())
+def compile_state_dict(state_dict: dict, recipe: Recipe | None = None, log=None, hessians: dict | None = None) -> \
+        CompileResult:
+    """`hessians`: {weight name: input Hessian} from squeeze.calibrate, which turns on GPTQ where the recipe allows."""
+    state = State(entries=entries_from_state_dict(state_dict), recipe=recipe or Recipe(), hessians=hessians or {})
     state = pipeline.run(state, log=log)
+    check_float_range(state)
     return CompileResult(blob=_write(state), state=state)
 
 
-def compile(state_dict: dict, recipe: Recipe | None = None) -> bytes:
-    """Compile a state dict (name -> tensor) with a recipe (default: Recipe()) into artifact bytes."""
-    return compile_state_dict(state_dict, recipe).blob
+def compile(state_dict: dict, recipe: Recipe | None = None, hessians: dict | None = None) -> bytes:
+    """Compile a state dict (name -> tensor) with a recipe (default: Recipe()) into artifact bytes; with `hessians`
+    (squeeze.calibrate.calibrate(...).hessians) quantized matrices get GPTQ codes."""
+    return compile_state_dict(state_dict, recipe, hessians=hessians).blob

@@ -50,6 +50,7 @@ class TensorSettings:
     float_dtype: str = "f16"       # f16 | bf16 | f32 | keep
     pack: str = "auto"             # auto | byte | dense ("auto": dense only when the codec is raw)
     codec: str = "auto"            # a codec name, or "auto": the smallest of [encode].candidates
+    method: str = "auto"           # rtn | gptq | auto (gptq where compile has calibration Hessians, else rtn)
 
     def quant_spec(self) -> QuantSpec:
         value = {"percentile": self.clip_percentile, "std": self.clip_std_k}.get(self.clip, 0.0)
@@ -71,6 +72,14 @@ class EncodeSettings:
     candidates: tuple = ("zlib", "zstd", "brotli", "lzma", "rans")
     shuffle: str = "auto"          # auto | off: try byte-shuffling sections of 2+-byte elements
     params: EncodeParams = EncodeParams()
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    """[gptq]: the knobs of the GPTQ pass (squeeze/passes/gptq.py), the Parameter Golf records' values by default."""
+    block_size: int = 128          # columns updated together (the lazy-batch trick of the GPTQ paper)
+    damp: float = 0.01             # added to H's diagonal, as a fraction of its mean, so H is invertible
+    act_order: bool = True         # quantize columns by decreasing Hessian diagonal (most important first)
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,7 @@ class Recipe:
     # brotli and rans only: each extra codec in an artifact adds its lines to the user's decoder (lzma's ~70 bytes
     # bought ~30 on the fixture's scales)
     encode: EncodeSettings = EncodeSettings(candidates=("brotli", "rans"))
+    gptq: GPTQSettings = GPTQSettings()
     source: str = "<built-in>"
 
     @staticmethod
@@ -137,7 +147,7 @@ def _match(pattern: str, name: str) -> bool:
 _SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(TensorSettings)}
 _KEEP_FLOAT_KEYS = {f.name for f in dataclasses.fields(KeepFloat)}
 _ENCODE_KEYS = {"group_by", "candidates", "shuffle", "codec"} | {f.name for f in dataclasses.fields(EncodeParams)}
-_TOP_KEYS = {"name", "description", "defaults", "keep_float", "encode", "rules"}
+_TOP_KEYS = {"name", "description", "defaults", "keep_float", "encode", "gptq", "rules"}
 
 
 class _Checker:
@@ -209,6 +219,8 @@ def _check_setting(chk: _Checker, table: str, key: str, value, index: int = 0):
         value = _FLOAT_NAMES[value]
     if key == "pack" and value not in ("auto", "byte", "dense"):
         bad('expected "auto", "byte" or "dense"')
+    if key == "method" and value not in ("auto", "rtn", "gptq"):
+        bad('expected "auto", "rtn" or "gptq"')
     if key == "codec" and value != "auto" and value not in codecs.NAMES:
         bad(f"expected \"auto\" or one of {', '.join(codecs.NAMES)}")
     return float(value) if expected in ("float", float) else value
@@ -250,7 +262,7 @@ def parse(text: str, path: str = "<recipe>") -> Recipe:
     for key in ("name", "description"):
         if key in data and not isinstance(data[key], str):
             chk.fail("", key, f"{key} must be a string")
-    for key in ("defaults", "keep_float", "encode"):
+    for key in ("defaults", "keep_float", "encode", "gptq"):
         if key in data and not isinstance(data[key], dict):
             chk.fail("", key, f"{key} must be a table [{key}]")
 
@@ -277,7 +289,27 @@ def parse(text: str, path: str = "<recipe>") -> Recipe:
         rules.append(Rule(match=match, role=role, overrides=tuple(overrides.items()),
                           line=chk.line_of("rules", "match", i)))
     return Recipe(name=data.get("name", Path(path).stem), description=data.get("description", ""),
-                  defaults=defaults, keep_float=keep_float, rules=tuple(rules), encode=encode, source=path)
+                  defaults=defaults, keep_float=keep_float, rules=tuple(rules), encode=encode,
+                  gptq=_parse_gptq(chk, data.get("gptq", {})), source=path)
+
+
+def _parse_gptq(chk: _Checker, data: dict) -> GPTQSettings:
+    out = {}
+    for key, value in data.items():
+        if key == "block_size":
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65536:
+                chk.fail("gptq", key, f"block_size = {value!r}: expected an integer in 1..65536")
+        elif key == "damp":
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+                chk.fail("gptq", key, f"damp = {value!r}: expected a number in (0, 1]")
+            value = float(value)
+        elif key == "act_order":
+            if not isinstance(value, bool):
+                chk.fail("gptq", key, f"act_order = {value!r}: expected true or false")
+        else:
+            chk.fail("gptq", key, f"unknown key {key!r} in [gptq]")
+        out[key] = value
+    return GPTQSettings(**out)
 
 
 def _parse_keep_float(chk: _Checker, data: dict) -> KeepFloat:

@@ -18,6 +18,7 @@ class Plan:
     quant: object = None        # QuantSpec for "int"
     pack: str = "byte"          # "byte" | "dense" (int only)
     codec: str = "auto"
+    method: str = "rtn"         # "rtn" | "gptq" (int only): how codes are chosen on the grid the scales define
     reason: str = ""            # which rule or routing chose this, for inspect
 
 
@@ -33,6 +34,7 @@ class TensorEntry:
     plan: Plan | None = None
     codes: torch.Tensor | None = None       # int8 [R, C], set by `quantize`
     scales: torch.Tensor | None = None
+    note: str = ""                          # what a refining pass did (e.g. gptq's calibration-loss gain)
     parts: tuple = ()                       # ((kind, bytes), ...), set by `pack`; kinds: data | codes | scales
 
     @property
@@ -67,6 +69,7 @@ class PassRecord:
 class State:
     entries: tuple
     recipe: Recipe = field(default_factory=Recipe)
+    hessians: dict = field(default_factory=dict)   # parameter name -> [C, C] input Hessian (squeeze/calibrate.py)
     sections: tuple = ()
     log: tuple = ()
 

@@ -12,7 +12,8 @@ class PlanConfig:
     recipe: Recipe = Recipe()
 
 
-def plan_for(name: str, dtype: str, role: str, numel: int, recipe: Recipe) -> Plan:
+def plan_for(name: str, dtype: str, role: str, numel: int, recipe: Recipe, calibrated: bool = False) -> Plan:
+    """`calibrated`: compile has an input Hessian for this tensor, so "auto" means GPTQ."""
     if dtype not in FLOAT_CODES:
         return Plan(scheme="raw", store=dtype, codec=recipe.defaults.codec, reason="integer: stored as is")
     s, why = recipe.settings_for(name, role, numel)
@@ -20,11 +21,13 @@ def plan_for(name: str, dtype: str, role: str, numel: int, recipe: Recipe) -> Pl
         store = dtype if s.float_dtype == "keep" else s.float_dtype
         return Plan(scheme="float", store=store, codec=s.codec, reason=why)
     pack = s.pack if s.pack != "auto" else ("dense" if s.codec == "raw" else "byte")
-    return Plan(scheme="int", quant=s.quant_spec(), pack=pack, codec=s.codec, reason=why)
+    method = s.method if s.method != "auto" else ("gptq" if calibrated else "rtn")
+    return Plan(scheme="int", quant=s.quant_spec(), pack=pack, codec=s.codec, method=method, reason=why)
 
 
 def run(state: State, config: PlanConfig) -> State:
     entries = tuple(
-        e if e.alias_of else dataclasses.replace(e, plan=plan_for(e.name, e.dtype, e.role, e.numel, config.recipe))
+        e if e.alias_of else dataclasses.replace(
+            e, plan=plan_for(e.name, e.dtype, e.role, e.numel, config.recipe, e.name in state.hessians))
         for e in state.entries)
     return dataclasses.replace(state, entries=entries)
