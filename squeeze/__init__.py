@@ -5,7 +5,7 @@
     report = squeeze.inspect(blob)         # where every byte went
     result = squeeze.verify.verify("model.sqz", "final_model.pt", "val_*.bin", "tokenizer.model")  # BPB drift
 """
-from .compiler import __version__, compile, compile_state_dict
+from .compiler import __version__, compile, compile_state_dict, compile_to_budget
 from .errors import CheckpointError, FormatError, RecipeError, SqueezeError
 from .inspect import inspect
 from .loader import load

@@ -18,6 +18,7 @@ from .errors import SqueezeError
 @dataclass(frozen=True)
 class Calibration:
     hessians: dict          # parameter name ("blocks.0.attn.c_q.weight") -> float64 [in, in], mean of x xᵀ
+    sensitivities: dict     # parameter name -> loss increase per unit mean squared error (empty unless asked)
     sequences: int
     tokens: int
     source: str             # what the tokens were, for the log
@@ -69,20 +70,23 @@ def collect_hessians(model: nn.Module, batches, device="cpu") -> dict:
     return {name: (sums[name] / counts[name]).cpu() for name in sums}
 
 
-def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, device="cpu", source: str = "") -> \
-        Calibration:
-    """Hessians of `model` on token windows `tokens` [n, seq_len]."""
+def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, device="cpu", source: str = "",
+              sensitivity_names: list = ()) -> Calibration:
+    """Hessians of `model` on token windows `tokens` [n, seq_len]; sensitivities of `sensitivity_names` too."""
     model = model.to(device).eval()
     batches = [tokens[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
     hessians = collect_hessians(model, batches, device)
     if not hessians:
         raise SqueezeError("calibration: the model has no nn.Linear layers, so GPTQ has nothing to work on")
-    return Calibration(hessians=hessians, sequences=tokens.shape[0], tokens=tokens.numel(), source=source)
+    probe = tokens[: max(1, min(tokens.shape[0], 16))]  # a fixed batch: the same for every tensor's probe
+    sens = sensitivities(model, probe, list(sensitivity_names), device=device) if sensitivity_names else {}
+    return Calibration(hessians=hessians, sensitivities=sens, sequences=tokens.shape[0], tokens=tokens.numel(),
+                       source=source)
 
 
 def calibration_for(state_dict: dict, *, calib: str | None = None, calib_self: int = 0, model: str = "pgolf",
                     model_config=None, seq_len: int = 1024, n_tokens: int = 131072, batch_size: int = 8,
-                    device: str | None = None, seed: int = 0) -> Calibration:
+                    device: str | None = None, seed: int = 0, with_sensitivities: bool = False) -> Calibration:
     """What `squeeze compile --calib/--calib-self` runs: the model (as verify loads it) and its Hessians on
     ~n_tokens calibration tokens from the shards matching `calib`, or on `calib_self` sequences it samples."""
     from .verify import models
@@ -101,4 +105,51 @@ def calibration_for(state_dict: dict, *, calib: str | None = None, calib_self: i
     else:
         tokens = sample_sequences(net, calib_self, seq_len, vocab, seed=seed, device=device).cpu()
         source = f"{calib_self} sequences of {seq_len} tokens sampled from the model"
-    return calibrate(net, tokens, batch_size=batch_size, device=device, source=source)
+    names = [n for n, t in state_dict.items() if t.dim() == 2] if with_sensitivities else []
+    return calibrate(net, tokens, batch_size=batch_size, device=device, source=source, sensitivity_names=names)
+
+
+PROBE_NOISE = 0.25  # relative std of the probe's noise: about what int3-int4 does to a weight
+
+
+@torch.no_grad()
+def sensitivities(model: nn.Module, tokens: torch.Tensor, names: list, noise: float = PROBE_NOISE,
+                  device="cpu") -> dict:
+    """{parameter name: loss increase per unit of added weight-noise variance}, measured on `tokens` [n, T+1].
+
+    Each tensor gets zero-mean Gaussian noise of std noise·std(tensor), added and then subtracted (an antithetic
+    pair cancels the first-order term exactly), so ΔL ≈ ½·tr(∇²L)·σ² and a quantization error of mean square m
+    costs about sensitivity·m. This is the budget allocator's exchange rate between bytes and loss; it does not
+    extrapolate past the probe (the allocator offers no grid with more error than the probe's noise). Small probes
+    drown in the loss's own nonlinearity, and a probe that measures nothing (≤ 0) is floored at 1% of the median,
+    so no tensor looks free.
+    """
+    model = model.to(device).eval()
+    params = dict(model.named_parameters())
+    x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+
+    def loss() -> float:
+        logits = model(x)
+        return float(nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
+
+    base = loss()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    out = {}
+    for name in names:
+        p = params.get(name)
+        if p is None:
+            continue
+        sigma = noise * float(p.detach().float().std())
+        if sigma == 0:
+            out[name] = 0.0
+            continue
+        delta = (torch.randn(p.shape, generator=g) * sigma).to(p.device, p.dtype)
+        total = 0.0
+        for sign in (1, -1):
+            p.add_(sign * delta)
+            total += loss() - base
+            p.sub_(sign * delta)
+        out[name] = max(total / 2, 0.0) / sigma ** 2  # ΔL per unit of mean squared error of the tensor
+    positive = sorted(v for v in out.values() if v > 0)
+    floor = 0.01 * positive[len(positive) // 2] if positive else 0.0
+    return {name: max(v, floor) for name, v in out.items()}

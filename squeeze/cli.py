@@ -11,7 +11,7 @@ import click
 from . import decoder
 from .calibrate import calibration_for
 from .checkpoint import load_checkpoint
-from .compiler import __version__, compile_state_dict
+from .compiler import __version__, compile_state_dict, compile_to_budget
 from .errors import SqueezeError
 from .inspect import inspect as inspect_artifact, render
 from .loader import load as load_artifact, read_artifact
@@ -81,21 +81,36 @@ def main():
               help="The model calibration runs: pgolf, FILE.py:NAME or package.module:NAME (as verify).")
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="JSON config for --model.")
 @click.option("--device", default=None, help="Calibration device (default: cuda when available).")
+@click.option("--budget", default=None, type=click.IntRange(min=1),
+              help="Total bytes (artifact + --code-bytes) never to exceed; the allocator picks each matrix's grid.")
+@click.option("--bits-per-param", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Budget as bits per parameter of the checkpoint (instead of --budget).")
+@click.option("--code-bytes", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Bytes of your code (train script, decoder) that count against --budget.")
 @_friendly
 def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_tokens, calib_seq_len, model,
-            model_config, device):
+            model_config, device, budget, bits_per_param, code_bytes):
     """Compile CHECKPOINT (.pt state dict or .safetensors) into an artifact.
 
-    With --calib or --calib-self, quantized matrices get GPTQ codes (recipe key method, default "auto")."""
+    With --calib or --calib-self, quantized matrices get GPTQ codes (recipe key method, default "auto").
+    With --budget (needs calibration), each matrix the recipe's [defaults] govern gets the bit width and clip that
+    minimise predicted loss; the artifact plus --code-bytes is never larger than the budget."""
     recipe = Recipe.load(recipe_path) if recipe_path else Recipe()
     if not Path(output).parent.exists() and str(Path(output).parent) not in ("", "."):
         raise SqueezeError(f"{output}: directory {Path(output).parent} does not exist")
+    if budget is not None and bits_per_param is not None:
+        raise SqueezeError("give --budget or --bits-per-param, not both")
     state_dict = load_checkpoint(checkpoint)
-    hessians = None
+    params = sum(t.numel() for t in state_dict.values())
+    if bits_per_param is not None:
+        budget = int(bits_per_param * params / 8)
+    if budget is not None and calib is None and not calib_self:
+        raise SqueezeError("--budget needs calibration to weigh tensors: add --calib 'train_*.bin' or --calib-self N")
+    hessians = calibration = None
     if calib is not None or calib_self:
         calibration = calibration_for(state_dict, calib=calib, calib_self=calib_self, model=model,
                                       model_config=model_config, seq_len=calib_seq_len, n_tokens=calib_tokens,
-                                      device=device)
+                                      device=device, with_sensitivities=budget is not None)
         hessians = calibration.hessians
         if verbose:
             click.echo(f"  calibration: {calibration.source}; {len(hessians)} linear layers", err=True)
@@ -103,10 +118,13 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
     if verbose:
         def log(r):
             click.echo(f"  {r.name:<9} {r.seconds:8.2f} s  {r.bytes_in:>12,} B -> {r.bytes_out:>12,} B", err=True)
-    result = compile_state_dict(state_dict, recipe, log=log, hessians=hessians)
+    if budget is not None:
+        result = compile_to_budget(state_dict, recipe, budget, sensitivities=calibration.sensitivities,
+                                   hessians=hessians, code_bytes=code_bytes, log=log)
+    else:
+        result = compile_state_dict(state_dict, recipe, log=log, hessians=hessians)
     # The written file is re-read and fully decoded before it replaces anything.
     write_atomically(output, result.blob, check=load_artifact)
-    params = sum(t.numel() for t in state_dict.values())
     click.echo(f"{output}: {len(result.blob):,} bytes, {len(state_dict)} tensors, {params:,} params, "
                f"{8 * len(result.blob) / max(params, 1):.3f} bits/param (recipe {recipe.name})")
 

@@ -5,7 +5,8 @@ import torch
 
 from . import codecs, format, pipeline
 from .dtypes import code_of, torch_dtype
-from .errors import CheckpointError
+from .errors import CheckpointError, SqueezeError
+from .passes import allocate
 from .recipe import Recipe
 from .state import State, TensorEntry
 
@@ -93,6 +94,47 @@ def compile_state_dict(state_dict: dict, recipe: Recipe | None = None, log=None,
     state = pipeline.run(state, log=log)
     check_float_range(state)
     return CompileResult(blob=_write(state), state=state)
+
+
+def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, sensitivities: dict,
+                      hessians: dict | None = None, code_bytes: int = 0, log=None, max_rounds: int = 8) -> \
+        CompileResult:
+    """The artifact with the lowest predicted loss whose size plus `code_bytes` (the user's code and decoder) is at
+    most `budget_bytes`, always; SqueezeError if even the narrowest grids do not fit.
+
+    The allocate pass spends a byte pool on the tensors the recipe leaves to the budget. Round 1 takes the pool as
+    the target less what everything else took in a trial; each later round lowers the pool by what the last one
+    overshot (plus a margin that grows per round), so the loop ends with a compile that fits.
+    """
+    target = budget_bytes - code_bytes
+    base = State(entries=entries_from_state_dict(state_dict), recipe=recipe, hessians=hessians or {},
+                 sensitivities=sensitivities)
+    for name, fn, config in pipeline.passes_for(recipe)[:3]:  # tie, classify, plan: what allocate needs
+        base = fn(base, config)
+    missing = [e.name for e in allocate.allocatable(base) if e.name not in sensitivities]
+    if missing:
+        raise SqueezeError(f"{missing[0]}: no sensitivity measured; a budget needs calibration (--calib or "
+                           f"--calib-self)")
+    options = {e.name: allocate.options_for(e, sensitivities[e.name], allocate.AllocateConfig())
+               for e in allocate.allocatable(base)}
+    start = State(entries=base.entries, recipe=recipe, hessians=base.hessians, sensitivities=sensitivities,
+                  allocation_options=options)
+    # trial: the cheapest grid everywhere, which tells what the rest of the artifact costs
+    pool = sum(o[0].bytes for o in options.values())
+    for round_no in range(1, max_rounds + 1):
+        state = pipeline.run(dataclasses.replace(start, allocation_pool=pool), log=log)
+        blob = _write(state)
+        if round_no == 1:
+            if len(blob) > target:
+                raise SqueezeError(f"budget {budget_bytes:,} bytes is too small: the smallest artifact this recipe "
+                                   f"allows is {len(blob):,} bytes (+{code_bytes:,} of code)")
+            fixed = len(blob) - state.allocated_bytes
+            pool = target - fixed
+            continue
+        if len(blob) <= target:
+            return CompileResult(blob=blob, state=state)
+        pool -= (len(blob) - target) + target * 0.0005 * round_no
+    raise SqueezeError(f"budget {budget_bytes:,}: no allocation fitted after {max_rounds} rounds")
 
 
 def compile(state_dict: dict, recipe: Recipe | None = None, hessians: dict | None = None) -> bytes:

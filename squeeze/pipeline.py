@@ -1,8 +1,8 @@
-"""The pass pipeline: runs tie -> classify -> plan -> quantize -> gptq -> pack -> encode and records what each did."""
+"""The pass pipeline: runs tie -> classify -> plan -> allocate -> quantize -> gptq -> pack -> encode and records what each did."""
 import dataclasses
 import time
 
-from .passes import classify, encode, gptq, pack, plan, quantize, tie
+from .passes import allocate, classify, encode, gptq, pack, plan, quantize, tie
 from .recipe import Recipe
 from .state import PassRecord, State
 
@@ -14,6 +14,7 @@ def passes_for(recipe: Recipe) -> list:
         ("tie", tie.run, tie.TieConfig()),
         ("classify", classify.run, classify.ClassifyConfig(control_patterns=recipe.keep_float.control_patterns)),
         ("plan", plan.run, plan.PlanConfig(recipe=recipe)),
+        ("allocate", allocate.run, allocate.AllocateConfig()),
         ("quantize", quantize.run, quantize.QuantizeConfig()),
         ("gptq", gptq.run, gptq.GPTQConfig(block_size=recipe.gptq.block_size, damp=recipe.gptq.damp,
                                             act_order=recipe.gptq.act_order)),

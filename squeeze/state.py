@@ -70,6 +70,10 @@ class State:
     entries: tuple
     recipe: Recipe = field(default_factory=Recipe)
     hessians: dict = field(default_factory=dict)   # parameter name -> [C, C] input Hessian (squeeze/calibrate.py)
+    sensitivities: dict = field(default_factory=dict)  # parameter name -> loss increase per unit noise variance
+    allocation_pool: int | None = None  # bytes the allocate pass may spend on the tensors it decides (budget mode)
+    allocation_options: dict = field(default_factory=dict)  # name -> hull of Options, computed once per budget
+    allocated_bytes: float = 0.0        # the allocate pass's estimate of what it spent
     sections: tuple = ()
     log: tuple = ()
 

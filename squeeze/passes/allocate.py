@@ -1,0 +1,136 @@
+"""allocate: choose each matrix's bit width so that predicted loss is lowest for the bytes a budget leaves.
+
+For every tensor the recipe quantizes with its [defaults] (tensors a [[rules]] entry matches are pinned, as are
+float and control tensors), each candidate grid — a width b and a std clip k, so a step Δ = k·σ/(2^(b−1)−1): with
+entropy coding the step, not b, sets the rate — gives, from an actual round-to-nearest quantization:
+  bytes  ≈ the codes' order-0 entropy (what rans codes them to, within 0.5%) + the scales;
+  ΔL     ≈ sensitivity · mean squared error, the sensitivity being the loss increase per unit of weight-noise
+           variance measured on calibration data (squeeze/calibrate.py: sensitivities).
+Only each tensor's lower convex hull of (bytes, ΔL) can be optimal. Starting from its cheapest point everywhere,
+the pass repeatedly moves the tensor whose next hull point buys the most loss per byte while the pool lasts
+(marginal analysis: the greedy form of reverse water-filling). compile's budget loop (squeeze/compiler.py:
+compile_to_budget) sets the pool and checks the real size.
+"""
+import dataclasses
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import quant
+from ..calibrate import PROBE_NOISE
+from ..codecs import rans
+from ..errors import SqueezeError
+from ..state import State
+
+
+@dataclass(frozen=True)
+class AllocateConfig:
+    bits_choices: tuple = (2, 3, 4, 5, 6, 7, 8)
+    clip_k_choices: tuple = (2.5, 3.5, 5.0, 7.0, 10.0, 14.0)
+
+
+@dataclass(frozen=True)
+class Option:
+    bits: int
+    clip_k: float
+    bytes: float
+    loss: float
+
+
+def options_for(e, sensitivity: float, config: AllocateConfig) -> list:
+    """The tensor's lower convex hull of (estimated bytes, predicted loss increase) over the candidate grids,
+    cheapest first."""
+    points = []
+    w2 = quant.as_matrix(e.tensor)
+    max_mse = (PROBE_NOISE ** 2) * float(w2.double().var())  # beyond the probe, sensitivity·mse is a guess
+    for bits in config.bits_choices:
+        for k in config.clip_k_choices:
+            spec = dataclasses.replace(e.plan.quant, bits=bits, clip="std", clip_value=k)
+            codes, scales = quant.quantize(e.tensor, spec, e.name)
+            w_hat = quant.dequantize(codes, scales, spec.group, torch.float32, w2.shape)
+            mse = float((w_hat - w2).double().square().mean())
+            counts = np.bincount(codes.numpy().ravel().astype(np.int64) + 128, minlength=256)
+            size = rans.entropy_bits(counts) / 8 + scales.numel() * scales.element_size()
+            if mse <= max_mse:
+                points.append(Option(bits, k, size, sensitivity * mse))
+    if not points:
+        raise SqueezeError(f"{e.name}: no candidate grid quantizes it within the calibrated error range")
+    return lower_hull(points)
+
+
+def lower_hull(points: list) -> list:
+    """The points no mix of two others beats: sorted by bytes, loss strictly falling, slopes flattening."""
+    hull = []
+    for p in sorted(points, key=lambda o: (o.bytes, o.loss, o.bits, o.clip_k)):
+        if hull and p.loss >= hull[-1].loss:
+            continue
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is under the segment a-p only if it saves more loss per byte from a than p does
+            if (a.loss - b.loss) * (p.bytes - a.bytes) <= (a.loss - p.loss) * (b.bytes - a.bytes):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def allocate(options: dict, pool_bytes: float) -> dict:
+    """{name: chosen Option} minimising Σ loss with Σ bytes ≤ pool (greedy by loss saved per byte; ties by name)."""
+    choice = {name: 0 for name in options}
+    used = sum(opts[0].bytes for opts in options.values())
+    if used > pool_bytes:
+        raise SqueezeError(f"budget too small: the allocated tensors need at least {used:,.0f} bytes, the budget "
+                           f"leaves {pool_bytes:,.0f} for them")
+    heap = []
+
+    def push(name):
+        i, opts = choice[name], options[name]
+        if i + 1 < len(opts):
+            gain, cost = opts[i].loss - opts[i + 1].loss, max(opts[i + 1].bytes - opts[i].bytes, 1e-9)
+            heapq.heappush(heap, (-gain / cost, name, i))
+
+    for name in sorted(options):
+        push(name)
+    while heap:
+        _, name, i = heapq.heappop(heap)
+        opts = options[name]
+        extra = opts[i + 1].bytes - opts[i].bytes
+        if used + extra > pool_bytes:
+            continue  # this step does not fit; a cheaper one elsewhere might
+        choice[name], used = i + 1, used + extra
+        push(name)
+    return {name: options[name][i] for name, i in choice.items()}
+
+
+def allocatable(state: State) -> list:
+    """Entries the budget decides: quantized by the recipe's defaults (no [[rules]] entry matched them)."""
+    return [e for e in state.entries
+            if e.plan is not None and e.plan.scheme == "int" and e.plan.reason == "defaults"]
+
+
+def run(state: State, config: AllocateConfig = AllocateConfig()) -> State:
+    """Off unless the state carries a byte pool (state.allocation_pool, set by compile_to_budget)."""
+    if state.allocation_pool is None:
+        return state
+    entries = allocatable(state)
+    missing = [e.name for e in entries if e.name not in state.sensitivities]
+    if missing:
+        raise SqueezeError(f"{missing[0]}: no sensitivity measured; a budget needs calibration (--calib or "
+                           f"--calib-self)")
+    options = {e.name: state.allocation_options.get(e.name) or options_for(e, state.sensitivities[e.name], config)
+               for e in entries}
+    chosen = allocate(options, state.allocation_pool)
+    out = []
+    for e in state.entries:
+        if e.name in chosen:
+            o = chosen[e.name]
+            spec = dataclasses.replace(e.plan.quant, bits=o.bits, clip="std", clip_value=o.clip_k)
+            plan = dataclasses.replace(e.plan, quant=spec,
+                                       reason=f"budget: ~{o.bytes:,.0f} B, predicted ΔL {o.loss:.2e}")
+            e = dataclasses.replace(e, plan=plan)
+        out.append(e)
+    return dataclasses.replace(state, entries=tuple(out),
+                               allocated_bytes=sum(o.bytes for o in chosen.values()))
