@@ -11,6 +11,7 @@ from .inspect import inspect
 from .loader import load
 from .recipe import Recipe
 from . import verify
+from . import qat
 
 __all__ = ["compile", "compile_state_dict", "load", "inspect", "Recipe", "SqueezeError", "FormatError",
            "RecipeError", "CheckpointError", "__version__"]

@@ -1,7 +1,7 @@
 """The quantizer: symmetric int-N codes with per-row or per-group scales (docs/FORMAT.md, "Quantized").
 
-One implementation, several callers: the `quantize` pass, the loader's reconstruction and (later) QAT fake-quant all
-call these functions, so what is trained, what is exported and what is decoded cannot drift apart.
+One implementation, several callers: the `quantize` pass, the loader's reconstruction and squeeze.qat's fake-quant
+all call these functions, so what is trained, what is exported and what is decoded cannot drift apart.
 """
 from dataclasses import dataclass
 
@@ -80,26 +80,42 @@ def _expand(per_group: torch.Tensor, group: int, cols: int) -> torch.Tensor:
     return per_group.repeat_interleave(group, dim=1)[:, :cols]
 
 
-def _round_scales(scale: torch.Tensor, spec: QuantSpec, name: str) -> torch.Tensor:
-    """Scales in their stored dtype; a zero scale (all-zero group) becomes 1 so that codes are 0, not NaN."""
+def store_scales(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Scales in their stored dtype; a zero scale (all-zero group) becomes 1 so that codes are 0, not NaN.
+
+    A scale beyond the stored dtype's range becomes inf here; `check_scales` reports it (kept apart so that the
+    fake-quant, which runs inside torch.compile'd forwards, has no data-dependent branch)."""
     sdt = torch_dtype(spec.scale_dtype)
     scale = scale.clamp(min=spec.scale_min)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if spec.scale_dtype != "f32":
         tiny = torch.finfo(sdt).tiny if spec.scale_dtype == "bf16" else 2.0 ** -24  # smallest positive value
         scale = scale.clamp(min=tiny)
-    stored = scale.to(sdt)
+    return scale.to(sdt)
+
+
+def check_scales(stored: torch.Tensor, spec: QuantSpec, name: str) -> None:
     if not torch.isfinite(stored).all():
         raise ValueError(f"{name}: a scale exceeds the range of {spec.scale_dtype}; use scale_dtype = \"f32\"")
-    return stored
+
+
+def expand_scales(scales: torch.Tensor, group: int, cols: int) -> torch.Tensor:
+    """Scales [R, n_groups] as float32, broadcastable to the [R, C] matrix (each element's scale)."""
+    return _expand(scales.to(torch.float32), group, cols)
 
 
 def _codes(w: torch.Tensor, scale_full: torch.Tensor, qmax: int) -> torch.Tensor:
     return torch.clamp(torch.round(w / scale_full), -qmax, qmax)
 
 
+def codes_for(w2: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest codes of a float32 [R, C] matrix against stored scales [R, n_groups], as float32 values
+    in [-qmax, qmax] (`quantize` casts them to int8)."""
+    return _codes(w2, expand_scales(scales, spec.group, w2.shape[1]), spec.qmax)
+
+
 def choose_clip(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Per-group clip value [R, n_groups] by the spec's method (the "mse" search is done in `quantize`)."""
+    """Per-group clip value [R, n_groups] by the spec's method (the "mse" search is done in `choose_scales`)."""
     if spec.clip == "percentile":
         return _per_group(w, spec.group, lambda b: _quantile(b, spec.clip_value / 100.0))
     if spec.clip == "std":
@@ -107,21 +123,23 @@ def choose_clip(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return _per_group(w, spec.group, lambda b: b.abs().amax(dim=-1))
 
 
-def quantize(w: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a float tensor. Returns (codes int8 [R, C], scales [R, n_groups] in spec.scale_dtype).
-
-    Codes are computed against the *stored* (rounded) scales, so decoding reproduces exactly what was chosen here.
-    """
+def as_matrix(w: torch.Tensor) -> torch.Tensor:
+    """The float32 [R, C] view that scales and codes are computed on (see `matrix_shape`)."""
     rows, cols = matrix_shape(w.shape)
-    w2 = w.detach().reshape(rows, cols).to(torch.float32)
+    return w.reshape(rows, cols).to(torch.float32)
+
+
+def choose_scales(w2: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Stored scales [R, n_groups] of a float32 [R, C] matrix by the spec's clip method (unchecked: see
+    `check_scales`). The "mse" method keeps, per group, the candidate clip whose reconstruction error is smallest."""
+    cols = w2.shape[1]
     if spec.clip != "mse":
-        scales = _round_scales(choose_clip(w2, spec) / spec.qmax, spec, name)
-        return _codes(w2, _expand(scales.float(), spec.group, cols), spec.qmax).to(torch.int8), scales
-    # MSE search: for each group keep the candidate clip whose reconstruction error is smallest.
+        return store_scales(choose_clip(w2, spec) / spec.qmax, spec)
     absmax = _per_group(w2, spec.group, lambda b: b.abs().amax(dim=-1))
     best_err = best_scales = None
-    for ratio in torch.linspace(1.0, spec.mse_min_ratio, spec.mse_grid).tolist():
-        scales = _round_scales(absmax * ratio / spec.qmax, spec, name)
+    # candidates as 0-d float32 tensors, not .tolist() floats: the same products, and torch.compile traces them
+    for ratio in torch.linspace(1.0, spec.mse_min_ratio, spec.mse_grid):
+        scales = store_scales(absmax * ratio / spec.qmax, spec)
         s_full = _expand(scales.float(), spec.group, cols)
         err = (_codes(w2, s_full, spec.qmax) * s_full - w2).square()
         err = _per_group(err, spec.group, lambda b: b.sum(dim=-1))
@@ -131,8 +149,28 @@ def quantize(w: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[to
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_scales = torch.where(better, scales, best_scales)
-    codes = _codes(w2, _expand(best_scales.float(), spec.group, cols), spec.qmax)
-    return codes.to(torch.int8), best_scales
+    return best_scales
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a float tensor. Returns (codes int8 [R, C], scales [R, n_groups] in spec.scale_dtype).
+
+    Codes are computed against the *stored* (rounded) scales, so decoding reproduces exactly what was chosen here.
+    squeeze.qat's fake-quant calls the same `choose_scales`, `codes_for` and `dequantize`.
+    """
+    w2 = as_matrix(w.detach())
+    scales = choose_scales(w2, spec)
+    check_scales(scales, spec, name)
+    return codes_for(w2, scales, spec).to(torch.int8), scales
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """What decoding the quantized `w` gives, in w's dtype and shape, without a gradient: `quantize` then
+    `dequantize`, less the scale-range check (done once up front by the caller)."""
+    w2 = as_matrix(w.detach())
+    scales = choose_scales(w2, spec)
+    codes = codes_for(w2, scales, spec).to(torch.int8)  # through int8 as the artifact: -0.0 codes become 0
+    return dequantize(codes, scales, spec.group, w.dtype, w.shape)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype, shape) -> torch.Tensor:
