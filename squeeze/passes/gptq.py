@@ -68,7 +68,7 @@ def refine(e, hessian: torch.Tensor, config: GPTQConfig):
     if hessian.shape != (cols, cols):
         raise SqueezeError(f"{e.name}: calibration Hessian is {tuple(hessian.shape)}, the tensor has {cols} inputs")
     w = e.tensor.detach().reshape(rows, cols).float()
-    scale_full = quant._expand(e.scales.float().reshape(rows, -1), spec.group, cols).expand(rows, cols)
+    scale_full = quant.expand_scales(e.scales.reshape(rows, -1), spec.group, cols).expand(rows, cols)
     rtn_loss = layer_loss(w, e.codes.float() * scale_full, hessian)
     codes = gptq_codes(w, scale_full, spec.qmax, hessian, config)
     gptq_loss = layer_loss(w, codes.float() * scale_full, hessian)
