@@ -1,0 +1,149 @@
+"""Best quality per byte (issue 5): squeeze's budget allocator against a record-style pipeline and uniform
+round-to-nearest, at equal artifact bytes, measured as val_bpb drift with `squeeze verify`.
+
+    python bench/budget_vs_record.py --ckpt CKPT --calib 'train_*.bin' [--val fixtures/val_000000.bin]
+        [--tokenizer fixtures/tokenizer_1024_bpe.model] [--seq-len 256] [--png curve.png]
+
+- record-style: what the Parameter Golf records do (../shared/research/pgolf-quant.md): GPTQ int6 std clip k=12.85 on
+  the matrices, int8 k=20 on the embedding, fp16 small/control tensors, brotli-11. At its natural size.
+- squeeze --budget: the same checkpoint and calibration, every matrix left to the allocator, codec auto
+  (brotli or rans per section), at the record's bytes; then the whole curve from 2.5 to 8 bits/param.
+- uniform RTN int-N (N = 3..8, per-row MSE clip, rans): the plain baseline curve.
+- record-style at other clips (k = 4..20) gives the record pipeline's own curve.
+Calibration tokens come from --calib (training data); the drift is measured on --val. Figures go to BENCHMARKS.md.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import squeeze  # noqa: E402
+from squeeze import calibrate, compiler  # noqa: E402
+from squeeze.recipe import parse  # noqa: E402
+from squeeze.verify import verify  # noqa: E402
+
+SMALL_FLOAT = '[keep_float]\nmax_numel = 65536\ncontrol_dtype = "fp16"\nsmall_dtype = "fp16"\n'
+
+
+def record_recipe(k: float) -> str:
+    return (f'[defaults]\nbits = 6\nclip = "std"\nclip_std_k = {k}\nmethod = "gptq"\n' + SMALL_FLOAT +
+            '[encode]\ncodec = "brotli"\nbrotli_quality = 11\nbrotli_window = 24\n'
+            '[[rules]]\nmatch = "tok_emb.weight"\nbits = 8\nclip_std_k = 20.0\nmethod = "rtn"\n')
+
+
+BUDGET_RECIPE = ('[defaults]\nbits = 6\nclip = "std"\nclip_std_k = 8.0\n' + SMALL_FLOAT +
+                 '[encode]\ncodec = "auto"\ncandidates = ["brotli", "rans"]\n')
+
+
+def uniform_recipe(bits: int) -> str:
+    return f'[defaults]\nbits = {bits}\nclip = "mse"\nmethod = "rtn"\n' + SMALL_FLOAT + '[encode]\ncodec = "rans"\n'
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--calib", required=True, help="training token shards (never the validation set)")
+    ap.add_argument("--calib-tokens", type=int, default=65536)
+    ap.add_argument("--val", default=str(ROOT / "fixtures/val_000000.bin"))
+    ap.add_argument("--tokenizer", default=str(ROOT / "fixtures/tokenizer_1024_bpe.model"))
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--png", default=None)
+    ap.add_argument("--bpp", default="2.5,3,3.5,4,5,6,8", help="bits/param points of the budget curve")
+    ap.add_argument("--record-routing", action="store_true", default=True,
+                    help="keep tensors of <= 65,536 elements fp16 in every pipeline, as the records do")
+    ap.add_argument("--quantize-small", dest="record_routing", action="store_false",
+                    help="quantize matrices of > 4,096 elements too (on small models, where the records' routing "
+                         "leaves most bytes in fp16)")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    if not args.record_routing:
+        global SMALL_FLOAT, BUDGET_RECIPE
+        BUDGET_RECIPE = BUDGET_RECIPE.replace(SMALL_FLOAT, SMALL_FLOAT.replace("65536", "4096"))
+        SMALL_FLOAT = SMALL_FLOAT.replace("65536", "4096")
+
+    sd = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    params = sum(t.numel() for t in sd.values())
+    t0 = time.perf_counter()
+    cal = calibrate.calibration_for(sd, calib=args.calib, seq_len=args.seq_len, n_tokens=args.calib_tokens,
+                                    device="cpu", with_sensitivities=True)
+    print(f"checkpoint {args.ckpt}: {params:,} params; calibration {cal.source} in {time.perf_counter() - t0:.1f} s")
+    tmp = Path(tempfile.mkdtemp(prefix="squeeze-bench-"))
+    ckpt_path = args.ckpt
+
+    def measure(label: str, blob: bytes, seconds: float) -> dict:
+        path = tmp / f"{len(blob)}.sqz"
+        path.write_bytes(blob)
+        r = verify(path, ckpt_path, args.val, args.tokenizer, seq_len=args.seq_len, device="cpu")
+        row = {"label": label, "bytes": len(blob), "bpp": 8 * len(blob) / params, "drift": r.drift_bpb,
+               "bpb": r.decoded.val_bpb, "seconds": seconds}
+        print(f"{label:<34} {len(blob):>11,} {row['bpp']:>7.3f} {r.decoded.val_bpb:>9.5f} {r.drift_bpb:>+9.5f} "
+              f"{seconds:>8.1f}", flush=True)
+        return row
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t
+
+    print(f"{'pipeline':<34} {'bytes':>11} {'bits/p':>7} {'val_bpb':>9} {'drift':>9} {'compile s':>8}")
+    rows = []
+    blob, s = timed(lambda: squeeze.compile(sd, parse(record_recipe(12.85), "record"), cal.hessians))
+    record = measure("record-style k=12.85 (GPTQ, brotli)", blob, s)
+    rows.append(record)
+    budget_recipe = parse(BUDGET_RECIPE, "budget")
+    res, s = timed(lambda: compiler.compile_to_budget(sd, budget_recipe, record["bytes"],
+                                                       sensitivities=cal.sensitivities, hessians=cal.hessians))
+    same_bytes = measure("squeeze --budget (record's bytes)", res.blob, s)
+    rows.append(same_bytes)
+    for k in (4.0, 6.0, 9.0, 16.0, 20.0):
+        blob, s = timed(lambda: squeeze.compile(sd, parse(record_recipe(k), "record"), cal.hessians))
+        rows.append(measure(f"record-style k={k:g}", blob, s))
+    for bits in (3, 4, 5, 6, 8):
+        blob, s = timed(lambda: squeeze.compile(sd, parse(uniform_recipe(bits), "uniform")))
+        rows.append(measure(f"uniform RTN int{bits} (mse clip, rans)", blob, s))
+    for bpp in (float(x) for x in args.bpp.split(",")):
+        budget = int(bpp * params / 8)
+        try:
+            res, s = timed(lambda: compiler.compile_to_budget(sd, budget_recipe, budget,
+                                                               sensitivities=cal.sensitivities, hessians=cal.hessians))
+        except squeeze.SqueezeError as e:
+            print(f"squeeze --budget {bpp} bits/param: {e}")
+            continue
+        rows.append(measure(f"squeeze --budget {bpp:g} bits/param", res.blob, s))
+
+    print(f"\nat the record's bytes: drift ratio squeeze/record = {same_bytes['drift'] / record['drift']:.3f} "
+          f"(target <= 0.5)")
+    curve = sorted((r for r in rows if r["label"].startswith("squeeze")), key=lambda r: r["bytes"])
+    at_equal = [r for r in curve if r["drift"] <= record["drift"]]
+    if at_equal:
+        print(f"smallest squeeze artifact with drift <= the record's: {at_equal[0]['bytes']:,} bytes = "
+              f"{at_equal[0]['bytes'] / record['bytes']:.3f} x the record's (target <= 0.85; curve points only)")
+    if args.png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for prefix, style in (("squeeze", "o-"), ("uniform", "s--"), ("record", "^:")):
+            # a log axis: drifts at or below 1e-4 (even slightly negative: noise) are drawn at 1e-4
+            pts = sorted((r["bpp"], max(r["drift"], 1e-4)) for r in rows if r["label"].startswith(prefix))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prefix)
+        ax.set_xlabel("artifact bits per parameter")
+        ax.set_ylabel("val_bpb drift (decoded - original), floor 1e-4")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        ax.set_title(Path(args.ckpt).name)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=120)
+        print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()
