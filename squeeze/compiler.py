@@ -79,7 +79,9 @@ def header_of(state: State) -> dict:
 def _write(state: State) -> bytes:
     """Write with the header codec that gives the smallest file among those the sections already use (plus zlib,
     which every decoder has for CRC-32), so the tiny decoder needs no extra codec for the header. Layout-aware codecs
-    (rans) code sections only."""
+    (rans) code sections only. Every compile path ends here, so this is where values a float dtype cannot hold are
+    refused."""
+    check_float_range(state)
     header = header_of(state)
     used = ["zlib"] + [s.codec for s in state.sections if not codecs.uses_layout(s.codec)]
     blobs = [format.write(header, [s.stored for s in state.sections], c, state.recipe.encode.params)
@@ -92,7 +94,6 @@ def compile_state_dict(state_dict: dict, recipe: Recipe | None = None, log=None,
     """`hessians`: {weight name: input Hessian} from squeeze.calibrate, which turns on GPTQ where the recipe allows."""
     state = State(entries=entries_from_state_dict(state_dict), recipe=recipe or Recipe(), hessians=hessians or {})
     state = pipeline.run(state, log=log)
-    check_float_range(state)
     return CompileResult(blob=_write(state), state=state)
 
 

@@ -5,50 +5,64 @@ reconstruction of docs/FORMAT.md and the tests hold it bit-for-bit equal to sque
 Each codec contributes its own import line and decode lambda (squeeze/codecs/*: DECODER_IMPORT, DECODER_EXPR);
 a codec that needs a loop and the section layout (rans) also contributes DECODER_DEF, which defines V(header) ->
 {section: parts} for the layout, replacing the no-op V of the template; only artifacts that use it pay its bytes.
+
+Errors: the CRCs catch damage; for what they cannot catch (a file too short, a header whose values are wrong), load
+turns any exception into ValueError("squeeze: <path>: malformed artifact <the exception>"), one line with no chained
+traceback, instead of spending bytes on each check format.read makes; the one check it spends bytes on is of `bits`,
+since 1<<(bits-1) of a hostile 2^34 would build a 2 GB integer before anything failed. OSError from open() passes
+through as is.
 """
+import json
+
 from . import codecs, format
 
 _TEMPLATE = '''\
 # squeeze tiny decoder, format 1.x: load(path) -> {name: tensor}
-import json,struct,zlib,numpy as np,torch%(imports)s
+import json,zlib,numpy as np,torch%(imports)s
 D={%(codecs)s}
-C=%(ids)r
+C=%(ids)s
 V=lambda H:{}
-T={"f32":(torch.float32,np.float32),"f16":(torch.float16,np.float16),"bf16":(torch.bfloat16,np.int16),\
-"f64":(torch.float64,np.float64),"i8":(torch.int8,np.int8),"i16":(torch.int16,np.int16),"i32":(torch.int32,np.int32),\
-"i64":(torch.int64,np.int64),"u8":(torch.uint8,np.uint8),"bool":(torch.bool,np.bool_)}
-def E(m):raise ValueError("squeeze: "+m)
-def X(c,b,n,w,l=None):
- if c not in D:E("codec %%s not in this decoder"%%c)
+T={k:(getattr(torch,a),np.dtype("i2"if k=="bf16"else a))for k,a in zip("f32 f16 bf16 f64 i8 i16 i32 i64 u8 bool"\
+.split(),"float32 float16 bfloat16 float64 int8 int16 int32 int64 uint8 bool".split())}
+class Q(ValueError):0
+def E(m):raise Q("squeeze: "+m)from None
+def X(c,b,n,w,l):
+ if c not in D:E("codec %%r not in this decoder"%%c)
  o=D[c](b,n,l if w<2 else[(1,n)])
  if len(o)!=n:E("bad %%s stream"%%c)
- return np.frombuffer(o,np.uint8).reshape(w,-1).T.tobytes() if w>1 else o
+ return np.frombuffer(o,np.uint8).reshape(w,-1).T.tobytes()if w>1 else o
 def A(b,c,s):
  x=torch.from_numpy(np.frombuffer(b,T[c][1]).copy())
  return(x.view(torch.bfloat16)if c=="bf16"else x).reshape(s)
 def load(p):
  f=open(p,"rb").read()
- m,v,_,c,_,h,r,k=struct.unpack_from("<4sBBBBIII",f)
- if m!=b"SQZ\\0"or v!=1:E(p+": not a squeeze v1 artifact")
+ try:return L(p,f)
+ except Q:raise
+ except Exception as e:E(p+": malformed artifact "+repr(e)[:99])
+def L(p,f):
+ if f[:5]!=b"SQZ\\0\\1":E(p+": not a squeeze v1 artifact")
+ c=f[6];h,r,k=np.frombuffer(f,"<u4",3,8).tolist()
  b=f[20:20+h]
  if zlib.crc32(b)!=k:E(p+": header checksum mismatch")
- H=json.loads(X(C[c],b,r,1));o=20+h;S=[];Y=V(H)
+ H=json.loads(X(C[c],b,r,1,0));o=20+h;S=[];Y=V(H)
  for i,s in enumerate(H["sections"]):
   b=f[o:o+s["size"]];o+=s["size"]
-  if zlib.crc32(b)!=s["crc"]:E(p+": section %%s checksum mismatch"%%s["name"])
+  if zlib.crc32(b)!=s["crc"]:E(p+": section %%r checksum mismatch"%%s["name"])
   S.append(X(s["codec"],b,s["raw"],s["shuffle"],[m[3]for m in sorted(Y.get(i,[]))]))
  if o!=len(f):E(p+": bad length")
  P=lambda r:S[r[0]][r[1]:r[1]+r[2]];R={}
  for t in H["tensors"]:
-  s=t["shape"];d=T[t["dtype"]][0];N=int(np.prod(s))
+  s=t["shape"];d=T[t["dtype"]][0];N=int(np.prod(s));e=t["name"]
   if"alias"in t:continue
-  if"data"in t:R[t["name"]]=A(P(t["data"]),t["store"],s).to(d);continue
+  if N<1:R[e]=torch.zeros(s,dtype=d);continue
+  if"data"in t:R[e]=A(P(t["data"]),t["store"],s).to(d);continue
   q=t["q"];n=q["bits"];g=q["group"];y=s[0]if len(s)>1 else 1;x=N//y;u=np.frombuffer(P(t["codes"]),np.uint8)
+  if n>8:E(p+": bad bits")
   u=np.packbits(np.unpackbits(u,bitorder="little")[:N*n].reshape(N,n),1,bitorder="little")[:,0]\
 if q["pack"]=="dense"and n<8 else u[:N]
-  z=A(P(t["scales"]),q["sdtype"],(y,-1)).float();z=z[:,:1]if g==0 else z.repeat_interleave(g,1)[:,:x]
   c=torch.from_numpy((u.astype(np.int16)-(1<<n-1)+1).astype(np.int8)).reshape(y,x)
-  R[t["name"]]=(c.float()*z).to(d).reshape(s)
+  z=A(P(t["scales"]),q["sdtype"],(y,-1)).float();z=z[:,:1]if g==0 else z[:,torch.arange(x)//g]
+  R[e]=(c.float()*z).to(d).reshape(s)
  return{t["name"]:(R[t["alias"]].t().contiguous()if t["t"]else R[t["alias"]])if"alias"in t else R[t["name"]]\
 for t in H["tensors"]}
 '''
@@ -62,7 +76,7 @@ def emit(codec_names) -> str:
            for m in sorted(codecs.BY_NAME.values(), key=lambda m: m.ID)]
     while ids and not ids[-1]:
         ids.pop()
-    source = _TEMPLATE % {"imports": imports, "codecs": table, "ids": ids}
+    source = _TEMPLATE % {"imports": imports, "codecs": table, "ids": json.dumps(ids, separators=(",", ":"))}
     defs = "".join(getattr(m, "DECODER_DEF", "") for m in used)
     if defs:  # a layout-aware codec's definitions include the real V
         source = source.replace("V=lambda H:{}\n", "") + defs

@@ -1,4 +1,9 @@
-"""The artifact container, version 1 (docs/FORMAT.md is normative). The only code that knows its byte layout."""
+"""The artifact container, version 1 (docs/FORMAT.md is normative). The only code that knows its byte layout.
+
+An artifact is a file people download and load, so `read` trusts nothing in it: every header value is checked for
+type and range before it is used, and anything wrong raises FormatError naming the file and the field (never
+TypeError, KeyError and the like). Once `read` returns, the loader can index the header without further checks.
+"""
 import json
 import struct
 import zlib
@@ -6,7 +11,7 @@ from dataclasses import dataclass, field
 
 from . import codecs, packing
 from .packing import unshuffle
-from .dtypes import DTYPES, itemsize
+from .dtypes import DTYPES, FLOAT_CODES, itemsize
 from .errors import FormatError
 from .quant import matrix_shape, n_groups
 
@@ -16,7 +21,20 @@ PREAMBLE = struct.Struct("<4sBBBBIII")   # magic, major, minor, header codec id,
 MAX_HEADER_RAW = 16 << 20
 MAX_SECTION_RAW = (1 << 32) - 1
 MAX_NUMEL = 1 << 40
+MAX_DIMS = 8
+# This reader's bound on the bytes of all decoded sections together, and on those of the tensors it returns: the spec
+# bounds one section, and a header of many sections (or dense int2 codes widened to f64) could otherwise make a
+# small file claim terabytes. 1 GiB is a 250M-parameter fp32 model, far beyond what fits a 16 MB artifact; the
+# rans reader needs ~7 bytes of memory per declared byte. load(..., max_decoded_bytes=N) reads larger artifacts.
+MAX_DECODED = 1 << 30
+MAX_INT_DIGITS = 20          # no valid header integer is longer; Python would parse thousands of digits, slowly
 ROLES = ("embedding", "attention", "mlp", "control", "other")
+SHUFFLE_WIDTHS = (1, 2, 4, 8)
+PACKS = ("byte", "dense")
+SCALE_DTYPES = ("f16", "bf16", "f32")
+STORAGE_FORMS = ("alias", "data", "q")
+PART_KINDS = ("data", "codes", "scales")
+PARTS_OF_FORM = {"alias": (), "data": ("data",), "q": ("codes", "scales")}
 
 
 def crc32(data: bytes) -> int:
@@ -75,58 +93,143 @@ class Artifact:
         return self.section(i)[off: off + n]
 
 
-def read(blob: bytes, source: str = "artifact") -> Artifact:
-    """Parse and check the preamble and header; FormatError naming what is wrong."""
+def read(blob: bytes, source: str = "artifact", max_decoded_bytes: int = MAX_DECODED) -> Artifact:
+    """Parse and check the preamble and header; FormatError naming what is wrong. Sections are decoded later."""
     blob = bytes(blob)
-    if len(blob) < PREAMBLE.size:
-        raise FormatError(f"{source}: too short to be a squeeze artifact ({len(blob)} bytes)")
-    magic, major, minor, codec_id, _, h_size, h_raw, h_crc = PREAMBLE.unpack_from(blob)
-    if magic != MAGIC:
-        raise FormatError(f"{source}: not a squeeze artifact (bad magic {magic!r})")
-    if major != VERSION[0]:
-        raise FormatError(f"{source}: unsupported format version {major}.{minor} (this reader reads {VERSION[0]}.x)")
-    if codec_id not in codecs.BY_ID:
-        raise FormatError(f"{source}: header: unknown codec id {codec_id}")
-    if h_raw > MAX_HEADER_RAW:
-        raise FormatError(f"{source}: header: declared size {h_raw} exceeds {MAX_HEADER_RAW}")
+    header_codec, h_size, h_raw, h_crc = _read_preamble(blob, source)
     data_start = PREAMBLE.size + h_size
     if data_start > len(blob):
         raise FormatError(f"{source}: header: truncated ({len(blob) - PREAMBLE.size} of {h_size} bytes)")
     stored = blob[PREAMBLE.size:data_start]
     if crc32(stored) != h_crc:
         raise FormatError(f"{source}: header: checksum mismatch (the file is damaged)")
-    codec = codecs.BY_ID[codec_id].NAME
-    raw = codecs.decode(codec, stored, h_raw, f"{source}: header")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{source}: header: not valid JSON ({e})") from None
-    offsets = _check_sections(header, len(blob), data_start, source)
-    layouts = _check_tensors(header, source)
-    return Artifact(blob=blob, header=header, header_codec=codec, header_size=h_size, data_start=data_start,
+    header = _parse_header(codecs.decode(header_codec, stored, h_raw, f"{source}: header"), source)
+    _check_top_level(header, source)
+    offsets = _check_sections(header["sections"], len(blob), data_start, source, max_decoded_bytes)
+    layouts = _check_tensors(header, source, max_decoded_bytes)
+    return Artifact(blob=blob, header=header, header_codec=header_codec, header_size=h_size, data_start=data_start,
                     offsets=offsets, layouts=layouts, source=source)
 
+
+def _read_preamble(blob: bytes, source: str) -> tuple[str, int, int, int]:
+    """(header codec name, header size, header raw size, header crc) from a checked preamble."""
+    if len(blob) < PREAMBLE.size:
+        raise FormatError(f"{source}: too short to be a squeeze artifact ({len(blob)} bytes)")
+    magic, major, minor, codec_id, reserved, h_size, h_raw, h_crc = PREAMBLE.unpack_from(blob)
+    if magic != MAGIC:
+        raise FormatError(f"{source}: not a squeeze artifact (bad magic {magic!r})")
+    if major != VERSION[0]:
+        raise FormatError(f"{source}: unsupported format version {major}.{minor} (this reader reads {VERSION[0]}.x)")
+    if reserved:
+        raise FormatError(f"{source}: preamble: reserved byte is {reserved}, must be 0")
+    if codec_id not in codecs.BY_ID:
+        raise FormatError(f"{source}: header: unknown codec id {codec_id}")
+    codec = codecs.BY_ID[codec_id].NAME
+    if codecs.uses_layout(codec):
+        raise FormatError(f"{source}: header: codec {codec} (id {codec_id}) codes sections only, never the header")
+    if h_raw > MAX_HEADER_RAW:
+        raise FormatError(f"{source}: header: declared size {h_raw} exceeds {MAX_HEADER_RAW}")
+    return codec, h_size, h_raw, h_crc
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_header(raw: bytes, source: str):
+    try:
+        return json.loads(raw.decode("utf-8"), parse_int=_parse_int, parse_constant=_refuse_constant)
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{source}: header: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise FormatError(f"{source}: header: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # json.JSONDecodeError, and the refusals above
+        raise FormatError(f"{source}: header: not valid JSON ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field checks. A hostile header can hold any JSON value anywhere: lists where ints belong, megabyte strings,
+# unhashable values where a name is looked up. Each check tests the type first, then the range.
 
 def _is_int(v, lo=0, hi=None) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
 
 
-def _check_sections(header, file_size: int, data_start: int, source: str) -> list:
-    if not isinstance(header, dict) or not isinstance(header.get("sections"), list) \
-            or not isinstance(header.get("tensors"), list):
-        raise FormatError(f"{source}: header: expected an object with 'sections' and 'tensors' lists")
-    offsets, pos = [], data_start
-    for i, s in enumerate(header["sections"]):
+def _is_name(v) -> bool:
+    """A non-empty printable string: names appear in one-line error messages (no newlines, no lone surrogates)."""
+    return isinstance(v, str) and v != "" and v.isprintable()
+
+
+def _is_utf8(v) -> bool:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _show(value) -> str:
+    """A value for an error message: its repr, cut short (one field of a hostile header can hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _bad_field(what: str, obj: dict, key: str, expected: str) -> FormatError:
+    found = f"got {_show(obj[key])}" if key in obj else "missing"
+    return FormatError(f"{what}: '{key}' must be {expected}, {found}")
+
+
+def _require_choice(what: str, obj: dict, key: str, choices) -> str:
+    value = obj.get(key)
+    if not (isinstance(value, str) and value in choices):
+        raise _bad_field(what, obj, key, f"one of {', '.join(choices)}")
+    return value
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Header structure
+
+def _check_top_level(header, source: str):
+    what = f"{source}: header"
+    if not isinstance(header, dict):
+        raise FormatError(f"{what}: expected a JSON object, got {_show(header)}")
+    for key in ("sections", "tensors"):
+        if not isinstance(header.get(key), list):
+            raise _bad_field(what, header, key, "a list")
+    meta = header.get("meta", {})
+    if not (isinstance(meta, dict) and all(isinstance(v, str) and _is_utf8(v) and _is_utf8(k)
+                                           for k, v in meta.items())):
+        raise _bad_field(what, header, "meta", "an object of strings")
+
+
+def _check_sections(sections: list, file_size: int, data_start: int, source: str, max_decoded: int) -> list:
+    """Each section's fields, their total decoded size, and the file's length; returns each section's offset."""
+    offsets, pos, decoded = [], data_start, 0
+    for i, s in enumerate(sections):
         what = f"{source}: section {i}"
         if not isinstance(s, dict):
-            raise FormatError(f"{what}: not an object")
-        what += f" ({s.get('name')})"
-        if s.get("codec") not in codecs.BY_NAME:
-            raise FormatError(f"{what}: unknown codec {s.get('codec')!r}")
-        if not (_is_int(s.get("size")) and _is_int(s.get("raw"), 0, MAX_SECTION_RAW) and _is_int(s.get("crc"))):
-            raise FormatError(f"{what}: size, raw and crc must be integers in range")
-        if s.get("shuffle") not in (1, 2, 4, 8) or s["raw"] % s["shuffle"]:
-            raise FormatError(f"{what}: invalid shuffle width {s.get('shuffle')!r}")
+            raise FormatError(f"{what}: expected an object, got {_show(s)}")
+        if not _is_name(s.get("name")):
+            raise _bad_field(what, s, "name", "a non-empty printable string")
+        what += f" ({s['name']})"
+        _check_section_fields(s, what)
+        decoded += s["raw"]
+        if decoded > max_decoded:
+            raise FormatError(f"{what}: sections decode to more than {max_decoded:,} bytes in all, this reader's "
+                              f"bound (load(..., max_decoded_bytes=N) reads larger artifacts)")
         offsets.append(pos)
         pos += s["size"]
         if pos > file_size:
@@ -136,11 +239,27 @@ def _check_sections(header, file_size: int, data_start: int, source: str) -> lis
     return offsets
 
 
+def _check_section_fields(s: dict, what: str):
+    codec = s.get("codec")
+    if not isinstance(codec, str):
+        raise _bad_field(what, s, "codec", f"a codec name ({', '.join(codecs.NAMES)})")
+    if codec not in codecs.BY_NAME:
+        raise FormatError(f"{what}: unknown codec {_show(codec)}")
+    if not _is_int(s.get("size")):
+        raise _bad_field(what, s, "size", "an integer >= 0")
+    if not _is_int(s.get("raw"), 0, MAX_SECTION_RAW):
+        raise _bad_field(what, s, "raw", f"an integer in 0..{MAX_SECTION_RAW}")
+    if not _is_int(s.get("crc"), 0, 0xFFFFFFFF):
+        raise _bad_field(what, s, "crc", "an integer in 0..4294967295")
+    if not (_is_int(s.get("shuffle")) and s["shuffle"] in SHUFFLE_WIDTHS):
+        raise _bad_field(what, s, "shuffle", "one of 1, 2, 4, 8")
+    if s["raw"] % s["shuffle"]:
+        raise FormatError(f"{what}: 'raw' {s['raw']} is not a multiple of the shuffle width {s['shuffle']}")
+
+
 def expected_part_sizes(t: dict) -> dict:
     """Byte length each part of a tensor must have, from its shape and scheme."""
-    numel = 1
-    for s in t["shape"]:
-        numel *= s
+    numel = _numel(t["shape"])
     if "q" in t:
         rows, cols = matrix_shape(t["shape"])
         q = t["q"]
@@ -158,68 +277,158 @@ def part_matrix(kind: str, shape, pack: str | None, length: int) -> tuple[int, i
     return 1, length
 
 
-def _check_tensors(header: dict, source: str) -> list:
+def _check_tensors(header: dict, source: str, max_decoded: int) -> list:
     """Check every tensor entry and the tiling of sections; return each section's layout."""
-    names, stored, tiles = set(), set(), {}
-    n_sections = len(header["sections"])
-    for t in header["tensors"]:
-        if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
-            raise FormatError(f"{source}: header: a tensor entry has no name")
-        what = f"{source}: tensor {t['name']}"
-        if t["name"] in names:
-            raise FormatError(f"{what}: duplicate name")
-        names.add(t["name"])
-        shape = t.get("shape")
-        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(s, 0, MAX_NUMEL) for s in shape):
-            raise FormatError(f"{what}: invalid shape {shape!r}")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if numel >= MAX_NUMEL:
-            raise FormatError(f"{what}: shape {shape} has too many elements")
-        if t.get("dtype") not in DTYPES or t.get("role") not in ROLES:
-            raise FormatError(f"{what}: invalid dtype or role")
+    entries = {}  # name -> tensor object
+    tiles = {}    # section index -> [(offset, length, "kind of name", matrix)]
+    for i, t in enumerate(header["tensors"]):
+        what = _check_common_fields(t, i, entries, source)
+        entries[t["name"]] = t
         if "alias" in t:
-            if t.get("t") not in (0, 1) or (t["t"] and len(shape) != 2):
-                raise FormatError(f"{what}: invalid alias transpose flag")
+            _check_alias_fields(t, what)
             continue
-        stored.add(t["name"])
-        if "q" in t:
-            q = t["q"]
-            if not isinstance(q, dict) or not _is_int(q.get("bits"), 2, 8) or not _is_int(q.get("group"), 0) \
-                    or q.get("pack") not in ("byte", "dense") or q.get("sdtype") not in ("f16", "bf16", "f32") \
-                    or t["dtype"] not in ("f32", "f16", "bf16", "f64"):
-                raise FormatError(f"{what}: invalid quantization scheme")
-            kinds = ("codes", "scales")
-        elif "data" in t:
-            if t.get("store") not in DTYPES:
-                raise FormatError(f"{what}: invalid store dtype {t.get('store')!r}")
-            kinds = ("data",)
-        else:
-            raise FormatError(f"{what}: neither alias, data nor quantized")
-        sizes = expected_part_sizes(t)
-        for kind in kinds:
-            ref = t.get(kind)
-            if not (isinstance(ref, list) and len(ref) == 3 and all(_is_int(v) for v in ref)) \
-                    or ref[0] >= n_sections:
-                raise FormatError(f"{what}: invalid {kind} reference {ref!r}")
-            if ref[2] != sizes[kind]:
-                raise FormatError(f"{what}: {kind} is {ref[2]} bytes, its shape and scheme imply {sizes[kind]}")
-            pack = t["q"]["pack"] if kind == "codes" else None
-            tiles.setdefault(ref[0], []).append((ref[1], ref[2], t["name"],
-                                                 part_matrix(kind, shape, pack, ref[2])))
-    for t in header["tensors"]:
-        if "alias" in t and t["alias"] not in stored:
-            raise FormatError(f"{source}: tensor {t['name']}: alias target {t['alias']!r} is not a stored tensor")
+        for kind, ref, matrix in _check_storage(t, what, len(header["sections"])):
+            tiles.setdefault(ref[0], []).append((ref[1], ref[2], f"{kind} of {t['name']}", matrix))
+    _check_alias_targets(entries, source)
+    _check_output_size(entries.values(), source, max_decoded)
+    return _section_layouts(header["sections"], tiles, source)
+
+
+def _check_common_fields(t, i: int, entries: dict, source: str) -> str:
+    """Name, shape, dtype and role of one tensor entry; returns how errors name it."""
+    if not isinstance(t, dict):
+        raise FormatError(f"{source}: header: tensor {i}: expected an object, got {_show(t)}")
+    if not _is_name(t.get("name")):
+        raise _bad_field(f"{source}: header: tensor {i}", t, "name", "a non-empty printable string")
+    what = f"{source}: tensor {t['name']}"
+    if t["name"] in entries:
+        raise FormatError(f"{what}: duplicate name")
+    shape = t.get("shape")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(s, 0, MAX_NUMEL) for s in shape)):
+        raise FormatError(f"{what}: invalid shape {_show(shape)}: must be a list of at most {MAX_DIMS} integers "
+                          f"in 0..{MAX_NUMEL}")
+    if _numel(shape) >= MAX_NUMEL:
+        raise FormatError(f"{what}: shape {shape} has too many elements (at most {MAX_NUMEL - 1})")
+    _require_choice(what, t, "dtype", tuple(DTYPES))
+    _require_choice(what, t, "role", ROLES)
+    forms = [key for key in STORAGE_FORMS if key in t]
+    if len(forms) != 1:
+        raise FormatError(f"{what}: has {' and '.join(map(repr, forms)) or 'none of alias, data, q'}: exactly one "
+                          f"storage form is allowed")
+    stray = [k for k in PART_KINDS if k in t and k not in PARTS_OF_FORM[forms[0]]]
+    if stray:  # inspect and the tiny decoder's rans layout read every part key they find
+        raise FormatError(f"{what}: '{stray[0]}' is no part of a tensor stored as {forms[0]!r}")
+    return what
+
+
+def _check_alias_fields(t: dict, what: str):
+    if not _is_name(t["alias"]):
+        raise _bad_field(what, t, "alias", "the name of a stored tensor")
+    if not _is_int(t.get("t"), 0, 1):
+        raise _bad_field(what, t, "t", "0 or 1")
+    if t["t"] and len(t["shape"]) != 2:
+        raise FormatError(f"{what}: a transposed alias must be 2-D, its shape is {t['shape']}")
+
+
+def _check_alias_targets(entries: dict, source: str):
+    """An alias names a stored tensor and has its dtype and shape (reversed when transposed)."""
+    for name, t in entries.items():
+        if "alias" not in t:
+            continue
+        what, target_name = f"{source}: tensor {name}", t["alias"]
+        target = entries.get(target_name)
+        if target_name == name:
+            raise FormatError(f"{what}: an alias of itself")
+        if target is None:
+            raise FormatError(f"{what}: alias target {target_name!r} does not exist")
+        if "alias" in target:
+            raise FormatError(f"{what}: alias target {target_name!r} is itself an alias")
+        shape = target["shape"][::-1] if t["t"] else target["shape"]
+        if t["shape"] != shape or t["dtype"] != target["dtype"]:
+            raise FormatError(f"{what}: shape {t['shape']} and dtype {t['dtype']} differ from its alias target "
+                              f"{target_name!r}{' transposed' if t['t'] else ''} ({shape}, {target['dtype']})")
+
+
+def _check_storage(t: dict, what: str, n_sections: int) -> list:
+    """[(kind, part, matrix)] of a stored tensor, after checking its scheme and its parts' references."""
+    if "q" in t:
+        _check_quant_fields(t, what)
+        kinds = ("codes", "scales")
+    else:
+        _check_store_field(t, what)
+        kinds = ("data",)
+    sizes = expected_part_sizes(t)
+    parts = []
+    for kind in kinds:
+        ref = _check_part_reference(t, kind, sizes[kind], what, n_sections)
+        pack = t["q"]["pack"] if kind == "codes" else None
+        parts.append((kind, ref, part_matrix(kind, t["shape"], pack, ref[2])))
+    return parts
+
+
+def _check_quant_fields(t: dict, what: str):
+    what = f"{what}: invalid quantization scheme"
+    q = t["q"]
+    if not isinstance(q, dict):
+        raise _bad_field(what, t, "q", "an object")
+    if not _is_int(q.get("bits"), 2, 8):
+        raise _bad_field(what, q, "bits", "an integer in 2..8")
+    if not _is_int(q.get("group")):
+        raise _bad_field(what, q, "group", "an integer >= 0")
+    _require_choice(what, q, "pack", PACKS)
+    _require_choice(what, q, "sdtype", SCALE_DTYPES)
+    if not (isinstance(q.get("clip"), str) and _is_utf8(q["clip"])):
+        raise _bad_field(what, q, "clip", "a string")
+    if t["dtype"] not in FLOAT_CODES:
+        raise FormatError(f"{what}: a {t['dtype']} tensor cannot be quantized (dtype must be one of "
+                          f"{', '.join(FLOAT_CODES)})")
+
+
+def _check_store_field(t: dict, what: str):
+    store, dtype = _require_choice(what, t, "store", tuple(DTYPES)), t["dtype"]
+    if dtype in FLOAT_CODES and store not in FLOAT_CODES:
+        raise FormatError(f"{what}: 'store' {store} cannot hold a {dtype} tensor (one of {', '.join(FLOAT_CODES)})")
+    if dtype not in FLOAT_CODES and store != dtype:
+        raise FormatError(f"{what}: 'store' must equal its dtype {dtype} for an integer or bool tensor, got {store}")
+
+
+def _check_part_reference(t: dict, kind: str, size: int, what: str, n_sections: int) -> list:
+    ref = t.get(kind)
+    if not (isinstance(ref, list) and len(ref) == 3 and all(_is_int(v) for v in ref)):
+        raise FormatError(f"{what}: invalid {kind} reference {_show(ref)}: must be [section, offset, length] "
+                          f"of integers >= 0")
+    if ref[0] >= n_sections:
+        raise FormatError(f"{what}: invalid {kind} reference {ref}: there is no section {ref[0]} "
+                          f"({n_sections} sections)")
+    if ref[2] != size:
+        raise FormatError(f"{what}: {kind} is {ref[2]} bytes, its shape and scheme imply {size}")
+    return ref
+
+
+def _check_output_size(entries, source: str, max_decoded: int):
+    """The tensors load() returns fit the bound: a stored tensor or a transposed alias (a copy) costs its bytes."""
+    total = sum(_numel(t["shape"]) * itemsize(t["dtype"]) for t in entries if "alias" not in t or t["t"])
+    if total > max_decoded:
+        raise FormatError(f"{source}: tensors decode to {total:,} bytes, more than {max_decoded:,}, this reader's "
+                          f"bound (load(..., max_decoded_bytes=N) reads larger artifacts)")
+
+
+def _section_layouts(sections: list, tiles: dict, source: str) -> list:
+    """Check that each section's parts tile it exactly; return each section's layout (docs/FORMAT.md)."""
     layouts = []
-    for i, s in enumerate(header["sections"]):
+    for i, s in enumerate(sections):
+        what = f"{source}: section {i} ({s['name']})"
         pos, layout = 0, []
-        for off, n, name, matrix in sorted(tiles.get(i, [])):
+        for off, n, part, matrix in sorted(tiles.get(i, [])):
+            if off + n > s["raw"]:
+                raise FormatError(f"{what}: {part} (bytes {off}..{off + n}) lies outside its {s['raw']} decoded "
+                                  f"bytes")
             if off != pos:
-                raise FormatError(f"{source}: section {i} ({s['name']}): parts leave a hole or overlap at {name}")
+                gap = "leave a hole" if off > pos else "overlap"
+                raise FormatError(f"{what}: parts {gap} at {part} (offset {off}, the part before ends at {pos})")
             pos += n
             layout.append(matrix)
         if pos != s["raw"]:
-            raise FormatError(f"{source}: section {i} ({s['name']}): parts cover {pos} of {s['raw']} bytes")
+            raise FormatError(f"{what}: parts cover {pos} of {s['raw']} bytes")
         layouts.append(layout if s["shuffle"] == 1 else [(1, s["raw"])])
     return layouts

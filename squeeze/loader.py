@@ -1,4 +1,8 @@
-"""load: artifact -> {name: tensor}, exactly as docs/FORMAT.md reconstructs it (the library's `squeeze.load`)."""
+"""load: artifact -> {name: tensor}, exactly as docs/FORMAT.md reconstructs it (the library's `squeeze.load`).
+
+format.read has checked every header field; what is left for here are the checks on decoded bytes (code ranges,
+bool bytes), which only decoding can make.
+"""
 from pathlib import Path
 
 import numpy as np
@@ -9,33 +13,53 @@ from .dtypes import tensor_from_bytes, torch_dtype
 from .errors import FormatError
 
 
-def read_artifact(path_or_bytes) -> format.Artifact:
+def read_artifact(path_or_bytes, max_decoded_bytes: int = format.MAX_DECODED) -> format.Artifact:
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
-        return format.read(bytes(path_or_bytes))
+        return format.read(bytes(path_or_bytes), max_decoded_bytes=max_decoded_bytes)
     path = str(path_or_bytes)
+    if Path(path).exists() and not Path(path).is_file():  # a directory, a FIFO, /dev/zero: nothing to read whole
+        raise FormatError(f"{path}: cannot read (not a regular file)")
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    return format.read(blob, source=path)
+    return format.read(blob, source=path, max_decoded_bytes=max_decoded_bytes)
+
+
+def _codes(art: format.Artifact, t: dict, rows: int, cols: int, what: str) -> torch.Tensor:
+    """Signed int8 codes [rows, cols]; a stored value outside the symmetric range is damage no CRC saw."""
+    q = t["q"]
+    u = packing.unpack(art.part(t["codes"]), rows * cols, q["bits"], q["pack"])
+    top = 2 * packing.offset(q["bits"])
+    if u.size and int(u.max()) > top:
+        raise FormatError(f"{what}: a stored code {int(u.max())} is out of range for int{q['bits']} (0..{top})")
+    return torch.from_numpy((u.astype(np.int16) - packing.offset(q["bits"])).astype(np.int8)).reshape(rows, cols)
 
 
 def decode_tensor(art: format.Artifact, t: dict) -> torch.Tensor:
     """One stored (non-alias) tensor."""
-    dtype = torch_dtype(t["dtype"])
+    dtype, what = torch_dtype(t["dtype"]), f"{art.source}: tensor {t['name']}"
     if "data" in t:
-        return tensor_from_bytes(art.part(t["data"]), t["store"], t["shape"]).to(dtype)
+        data = art.part(t["data"])
+        if t["store"] == "bool" and data.translate(None, b"\x00\x01"):
+            raise FormatError(f"{what}: bool data holds a byte other than 0 or 1")
+        return tensor_from_bytes(data, t["store"], t["shape"]).to(dtype)
     q = t["q"]
     rows, cols = quant.matrix_shape(t["shape"])
-    u = packing.unpack(art.part(t["codes"]), rows * cols, q["bits"], q["pack"])
-    codes = torch.from_numpy((u.astype(np.int16) - packing.offset(q["bits"])).astype(np.int8)).reshape(rows, cols)
-    scales = tensor_from_bytes(art.part(t["scales"]), q["sdtype"], (rows, quant.n_groups(cols, q["group"])))
-    return quant.dequantize(codes, scales, q["group"], dtype, t["shape"])
+    if rows * cols == 0:  # nothing to reconstruct (and no [0, -1] view of the scales to take)
+        return torch.empty(tuple(t["shape"]), dtype=dtype)
+    codes = _codes(art, t, rows, cols, what)
+    # A group wider than a row is one group per row; clamping it keeps the scale broadcast at [rows, cols] however
+    # large a group the header declares.
+    group = min(q["group"], cols)
+    scales = tensor_from_bytes(art.part(t["scales"]), q["sdtype"], (rows, quant.n_groups(cols, group)))
+    return quant.dequantize(codes, scales, group, dtype, t["shape"])
 
 
-def load(path_or_bytes) -> dict:
-    """All tensors of an artifact, in the checkpoint's original order; aliases share their target's tensor."""
-    art = read_artifact(path_or_bytes)
+def load(path_or_bytes, max_decoded_bytes: int = format.MAX_DECODED) -> dict:
+    """All tensors of an artifact, in the checkpoint's original order; aliases share their target's tensor.
+    FormatError for anything malformed; artifacts decoding to more than `max_decoded_bytes` are refused."""
+    art = read_artifact(path_or_bytes, max_decoded_bytes)
     out = {}
     for t in art.tensors:
         if "alias" not in t:
