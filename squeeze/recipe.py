@@ -203,10 +203,10 @@ def _check_setting(chk: _Checker, table: str, key: str, value, index: int = 0):
         bad(f"expected one of {', '.join(CLIP_METHODS)}")
     if key == "clip_percentile" and not 0 < value <= 100:
         bad("clip_percentile must be in (0, 100]")
-    if key == "clip_std_k" and not value > 0:
-        bad("clip_std_k must be positive")
-    if key == "scale_min" and not value >= 0:
-        bad("scale_min must be >= 0")
+    if key == "clip_std_k" and not 0 < value < float("inf"):
+        bad("clip_std_k must be a positive, finite number")
+    if key == "scale_min" and not 0 <= value < float("inf"):
+        bad("scale_min must be a finite number >= 0")
     if key == "mse_grid" and not 1 <= value <= 1024:
         bad("mse_grid must be 1..1024")
     if key == "scale_dtype":
@@ -277,6 +277,8 @@ def parse(text: str, path: str = "<recipe>") -> Recipe:
     if not isinstance(raw_rules, list):
         chk.fail("", "rules", "rules must be an array of tables [[rules]]")
     for i, rule in enumerate(raw_rules):
+        if not isinstance(rule, dict):
+            chk.fail("", "rules", f"rule {i + 1} is not a table: write each rule as a [[rules]] section")
         if "match" not in rule:
             line = [n for n, l in enumerate(chk.lines, 1) if re.match(r"^\s*\[\[\s*rules\s*\]\]", l)]
             raise RecipeError(f"{path}:{line[i] if i < len(line) else 0}: rule {i + 1} has no 'match' key")
@@ -320,7 +322,7 @@ def _parse_keep_float(chk: _Checker, data: dict) -> KeepFloat:
         if key == "max_numel" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             chk.fail("keep_float", key, f"max_numel = {value!r}: expected a non-negative integer")
         if key in ("control_dtype", "small_dtype"):
-            if value not in _FLOAT_NAMES:
+            if not isinstance(value, str) or value not in _FLOAT_NAMES:
                 chk.fail("keep_float", key, f'{key} = {value!r}: expected "fp16", "bf16", "fp32" or "keep"')
             value = _FLOAT_NAMES[value]
         if key == "control_patterns":

@@ -230,13 +230,14 @@ def _slot_tables(tables: list, prob_bits: int) -> tuple[np.ndarray, np.ndarray]:
     slot − cum packed as f·2^P + (slot − cum) (one gather per symbol instead of two; both fit: f ≤ 2^P)."""
     m = 1 << prob_bits
     sym, packed = [], []
+    slots = np.arange(m, dtype=np.uint32)
     for f in tables:
-        f = np.asarray(f, dtype=np.int64)
-        cum = np.cumsum(f) - f
-        s = np.repeat(np.arange(f.size), f)
+        f = np.asarray(f, dtype=np.uint32)
+        cum = np.cumsum(f, dtype=np.uint32) - f
+        s = np.repeat(np.arange(f.size, dtype=np.uint8), f)
         sym.append(s)
-        packed.append((f[s] << prob_bits) | (np.arange(m) - cum[s]))
-    return np.concatenate(sym).astype(np.uint8), np.concatenate(packed).astype(np.uint32)
+        packed.append((f[s] << prob_bits) | (slots - cum[s]))
+    return np.concatenate(sym), np.concatenate(packed)
 
 
 def encode_symbols(sym: np.ndarray, ctx: np.ndarray, tables: list, lanes: int, prob_bits: int = PROB_BITS):
@@ -335,6 +336,7 @@ class Model:
     ctx: np.ndarray
     references: list
     part_models: list
+    referenced: set         # table indices some part names: only these get decoder lookup tables
 
 
 def parse_model(values: np.ndarray, layout, prob_bits: int, what: str) -> Model:
@@ -352,7 +354,7 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str) -> Model:
         full = np.zeros(256, dtype=np.int64)
         full[lo:lo + n] = f
         tables.append(full)
-    ctx_parts, references, part_models, offset = [], [], [], 0
+    ctx_parts, references, part_models, referenced, offset = [], [], [], set(), 0
     for rows, cols in layout:
         offset += rows * cols
         mode = int(cur.take()[0])
@@ -362,6 +364,7 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str) -> Model:
                 raise FormatError(f"{what}: table index {t} out of range")
             ctx_parts.append(np.full(rows * cols, t, dtype=np.uint16))
             part_models.append(f"table {t}")
+            referenced.add(t)
             continue
         if mode not in (1, 2, 3):
             raise FormatError(f"{what}: unknown part mode {mode}")
@@ -372,6 +375,7 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str) -> Model:
         cls = cur.take(cols if mode == 2 else rows)
         if (ids >= n_tables).any() or (cls >= k).any():
             raise FormatError(f"{what}: class or table index out of range")
+        referenced.update(int(t) for t in ids)
         ids = ids.astype(np.uint16)  # 2 bytes per position: a declared size costs the reader 3 bytes a symbol at most
         ctx_parts.append(np.tile(ids[cls], rows) if mode == 2 else np.repeat(ids[cls], cols))
         part_models.append(f"{k} {'column' if mode == 2 else 'row'} classes")
@@ -384,7 +388,7 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str) -> Model:
     if cur.i != cur.v.size:
         raise FormatError(f"{what}: model has {cur.v.size - cur.i} values too many")
     ctx = np.concatenate(ctx_parts) if ctx_parts else np.zeros(0, dtype=np.uint16)
-    return Model(tables, ctx, references, part_models)
+    return Model(tables, ctx, references, part_models, referenced)
 
 
 def undo_row_references(sym: np.ndarray, references) -> np.ndarray:
@@ -439,7 +443,13 @@ def read_stream(stored: bytes, raw_size: int, layout, what: str = "rans") -> Str
 
 def decode(stored: bytes, raw_size: int, layout) -> bytes:
     st = read_stream(stored, raw_size, layout)
-    sym = decode_symbols(st.states, st.words, st.model.ctx, st.model.tables, st.prob_bits)
+    tables, ctx = st.model.tables, st.model.ctx
+    if len(st.model.referenced) < len(tables):  # tables no part names (never written by squeeze) get no lookups
+        used = sorted(st.model.referenced)
+        remap = np.zeros(len(tables), dtype=np.uint16)
+        remap[used] = np.arange(len(used))
+        tables, ctx = [tables[i] for i in used], remap[ctx]
+    sym = decode_symbols(st.states, st.words, ctx, tables, st.prob_bits)
     return undo_row_references(sym, st.model.references).tobytes()
 
 
@@ -475,6 +485,7 @@ def R(b,n,l):
  v=np.frombuffer(zlib.decompressobj().decompress(b[8:e],1<<26),"<u2").astype(np.int64);T=[];i=1
  for _ in range(v[0]):a,k=v[i:i+2];f=np.zeros(256,np.int64);f[a:a+k]=v[i+2:i+2+k];i+=2+k;T.append(f)
  c=[];Z=[];z=0
+ if sum(r*q for r,q in l)!=n:E("bad rans layout")
  for r,q in l:
   o=v[i];k=v[i+1];i+=2;z+=r*q
   if o==0:c.append(np.full(r*q,k));continue
