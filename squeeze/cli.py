@@ -51,7 +51,10 @@ def write_atomically(path: str, data: bytes, check=None):
             f.flush()
             os.fsync(f.fileno())
         if check is not None:
-            check(tmp)
+            try:
+                check(tmp)
+            except SqueezeError as e:  # name the file the user asked for, not our temporary one
+                raise SqueezeError(str(e).replace(tmp, f"{path} (re-read before writing)")) from None
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

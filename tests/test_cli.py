@@ -130,3 +130,12 @@ def test_not_an_artifact(tmp_path):
     assert one_line_error(run("emit-decoder", tmp_path / "missing.sqz", "-o", tmp_path / "d.py")).startswith(
         f"squeeze: error: {tmp_path / 'missing.sqz'}: cannot read")
     assert not (tmp_path / "d.py").exists()
+
+
+def test_failed_reread_names_the_output_not_the_temporary_file(tmp_path):
+    from squeeze.cli import write_atomically
+    out = tmp_path / "m.sqz"
+    with pytest.raises(squeeze.SqueezeError) as err:
+        write_atomically(str(out), b"not an artifact at all", check=squeeze.load)
+    assert str(err.value).startswith(f"{out} (re-read before writing): ")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary file is left
