@@ -46,10 +46,11 @@ from squeeze.recipe import parse  # noqa: E402
 
 _FAST = "[encode]\nbrotli_quality = 5\nzstd_level = 3\nlzma_preset = 1\nlzma_extreme = false\n"
 _SMALL = "[keep_float]\nmax_numel = 256\n"
-SEED_RECIPES = {  # name -> recipe text (None: the built-in default); together they use every codec and packing
+SEED_RECIPES = {  # name -> recipe text (None: the built-in default); together they use every codec and packing,
+    # and low-rank corrections (format 1.2) in a rans and a brotli section
     "rans": '[defaults]\nbits = 6\ncodec = "rans"\nclip = "std"\n[[rules]]\nmatch = "*.attn.*"\ngroup_size = 16\n'
-            + _SMALL,
-    "brotli": '[defaults]\nbits = 5\ncodec = "brotli"\nscale_dtype = "bf16"\n' + _SMALL + _FAST,
+            '[[rules]]\nmatch = "*.mlp.*"\nlowrank_rank = 2\n' + _SMALL,
+    "brotli": '[defaults]\nbits = 5\ncodec = "brotli"\nscale_dtype = "bf16"\nlowrank_rank = 3\n' + _SMALL + _FAST,
     "zlib": '[defaults]\nbits = 8\ncodec = "zlib"\nclip = "percentile"\n' + _SMALL + _FAST,
     "zstd": '[defaults]\nbits = 4\ncodec = "zstd"\ngroup_size = 8\n' + _SMALL + _FAST,
     "lzma": '[defaults]\nbits = 3\ncodec = "lzma"\nscale_dtype = "fp32"\n' + _SMALL + _FAST,
@@ -112,7 +113,7 @@ def with_raw_header(parts: Parts, raw_header: bytes) -> bytes:
     """An artifact whose decoded header is exactly `raw_header` (any bytes: invalid UTF-8, invalid JSON), coded
     with zlib and carrying a valid CRC."""
     stored = zlib_encode(raw_header)
-    preamble = format.PREAMBLE.pack(format.MAGIC, *format.VERSION, codecs.get("zlib").ID, 0, len(stored),
+    preamble = format.PREAMBLE.pack(format.MAGIC, format.VERSION[0], 1, codecs.get("zlib").ID, 0, len(stored),
                                     len(raw_header), format.crc32(stored))
     return b"".join([preamble, stored, *parts.sections])
 

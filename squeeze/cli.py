@@ -16,7 +16,9 @@ from .errors import SqueezeError
 from .inspect import inspect as inspect_artifact, render
 from .loader import load as load_artifact, read_artifact
 from .recipe import Recipe
-from .verify import verify as verify_artifact
+from .verify import record as verify_record, verify as verify_artifact
+from .verify import dist
+from .verify.eval import pick_device
 from .verify.report import render as render_verify
 
 
@@ -50,6 +52,9 @@ def write_atomically(path: str, data: bytes, check=None):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output gets what open() would have given it
         if check is not None:
             try:
                 check(tmp)
@@ -83,7 +88,7 @@ def main():
 @click.option("--model", default="pgolf", show_default=True,
               help="The model calibration runs: pgolf, FILE.py:NAME or package.module:NAME (as verify).")
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="JSON config for --model.")
-@click.option("--device", default=None, help="Calibration device (default: cuda when available).")
+@click.option("--device", default=None, help="Calibration and GPTQ device (default: cuda when available).")
 @click.option("--budget", default=None, type=click.IntRange(min=1),
               help="Total bytes (artifact + --code-bytes) never to exceed; the allocator picks each matrix's grid.")
 @click.option("--bits-per-param", default=None, type=click.FloatRange(min=0, min_open=True),
@@ -110,6 +115,7 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
     if budget is not None and calib is None and not calib_self:
         raise SqueezeError("--budget needs calibration to weigh tensors: add --calib 'train_*.bin' or --calib-self N")
     hessians = calibration = None
+    device = str(pick_device(device, dist.from_env()))  # checked: a bad --device is one line, before any work
     if calib is not None or calib_self:
         calibration = calibration_for(state_dict, calib=calib, calib_self=calib_self, model=model,
                                       model_config=model_config, seq_len=calib_seq_len, n_tokens=calib_tokens,
@@ -123,9 +129,9 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
             click.echo(f"  {r.name:<9} {r.seconds:8.2f} s  {r.bytes_in:>12,} B -> {r.bytes_out:>12,} B", err=True)
     if budget is not None:
         result = compile_to_budget(state_dict, recipe, budget, sensitivities=calibration.sensitivities,
-                                   hessians=hessians, code_bytes=code_bytes, log=log)
+                                   hessians=hessians, code_bytes=code_bytes, log=log, device=device)
     else:
-        result = compile_state_dict(state_dict, recipe, log=log, hessians=hessians)
+        result = compile_state_dict(state_dict, recipe, log=log, hessians=hessians, device=device)
     # The written file is re-read and fully decoded before it replaces anything.
     write_atomically(output, result.blob, check=load_artifact)
     click.echo(f"{output}: {len(result.blob):,} bytes, {len(state_dict)} tensors, {params:,} params, "
@@ -135,10 +141,17 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
 @main.command()
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.option("--verify-report", default=None, type=click.Path(),
+              help="squeeze verify's report to take the measured drift from (default: ARTIFACT.verify.json, when "
+                   "it exists).")
 @_friendly
-def inspect(artifact, as_json):
-    """Show where every byte of ARTIFACT went."""
-    report = inspect_artifact(artifact)
+def inspect(artifact, as_json, verify_report):
+    """Show where every byte of ARTIFACT went, and its predicted vs measured drift where known.
+
+    A verify report that is stale (for another artifact) or unreadable is ignored with a one-line note."""
+    if verify_report is None and verify_record.default_path(artifact).exists():
+        verify_report = verify_record.default_path(artifact)
+    report = inspect_artifact(artifact, verify_report=verify_report)
     click.echo(json.dumps(report.to_dict(), indent=1) if as_json else render(report))
 
 
@@ -163,27 +176,59 @@ def inspect(artifact, as_json):
 @click.option("--max-drift", default=None, type=float,
               help="Exit with status 1 when decoded val_bpb exceeds the original's by more than this.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the JSON report here (default: ARTIFACT.verify.json, where inspect looks for it).")
+@click.option("--no-report", is_flag=True, help="Write no report file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @partial(_friendly, prints_errors=_is_main_rank)
 def verify(artifact, checkpoint, val, tokenizer, model, model_config, seq_len, stride, max_tokens, batch_size,
-           device, max_drift, as_json, quiet):
+           device, max_drift, as_json, report_path, no_report, quiet):
     """Score the --ckpt weights and ARTIFACT's decoded weights on the validation shards: val_loss, val_bpb, drift.
 
-    Under torchrun (torchrun --nproc_per_node=N -m squeeze verify ...) the windows are split across processes and
-    only rank 0 prints.
+    The report (the --json document) is also written to ARTIFACT.verify.json, atomically, where `squeeze inspect`
+    shows it beside the drift the budget allocator predicted. Under torchrun (torchrun --nproc_per_node=N -m squeeze
+    verify ...) the windows are split across processes and only rank 0 prints and writes.
     """
+    if report_path is not None and no_report:
+        raise SqueezeError("give --report PATH or --no-report, not both")
+    if report_path is not None:  # fail before the long measurement, not after it
+        _check_report_directory(report_path)
     result = verify_artifact(artifact, checkpoint, val, tokenizer, model=model, model_config=model_config,
                              seq_len=seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
                              device=device, progress=not quiet)
     main_rank = _is_main_rank()
     if main_rank:
-        report = result.to_dict()
-        report["max_drift"] = max_drift
+        report = verify_record.document(result, max_drift)
         click.echo(json.dumps(report, indent=1) if as_json else render_verify(result))
+        if not no_report:
+            path = report_path if report_path is not None else verify_record.default_path(artifact)
+            if _write_verify_report(report, path, explicit=report_path is not None) and not as_json:
+                click.echo(f"report {path}")
     if max_drift is not None and result.drift_exceeds(max_drift):
         if main_rank:
             click.echo(f"squeeze: val_bpb drift {result.drift_bpb:+.6f} exceeds --max-drift {max_drift}", err=True)
         sys.exit(1)
+
+
+def _check_report_directory(path: str) -> None:
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise SqueezeError(f"--report {path}: directory {parent} does not exist")
+
+
+def _write_verify_report(report: dict, path, explicit: bool) -> bool:
+    """Write the report atomically; True when written. A --report path that cannot be written is an error; the
+    default one beside the artifact (say, in a read-only directory) only warns, because the measurement itself
+    succeeded and its exit status (the --max-drift gate) should stand."""
+    try:
+        write_atomically(str(path), verify_record.encode(report))
+    except OSError as e:
+        message = f"{path}: cannot write the verify report ({e.strerror or e})"
+        if explicit:
+            raise SqueezeError(message) from None
+        click.echo(f"squeeze: warning: {message}; give --report PATH or --no-report", err=True)
+        return False
+    return True
 
 
 @main.command("emit-decoder")
@@ -192,7 +237,7 @@ def verify(artifact, checkpoint, val, tokenizer, model, model_config, seq_len, s
 @_friendly
 def emit_decoder(artifact, output):
     """Write a tiny standalone decoder (numpy + torch) for ARTIFACT's codecs."""
-    source = decoder.emit(decoder.codecs_used(read_artifact(artifact)))
+    source = decoder.emit_for(artifact)
     write_atomically(output, source.encode("utf-8"))
     click.echo(f"{output}: {len(source.encode('utf-8')):,} bytes; load(path) -> dict of tensors")
 

@@ -66,13 +66,19 @@ def header_of(state: State) -> dict:
             q = e.plan.quant
             t["q"] = {"bits": q.bits, "group": q.group, "pack": e.plan.pack, "sdtype": q.scale_dtype,
                       "clip": q.describe_clip()}
+            if e.lowrank is not None:
+                t["q"].update({"rank": e.lowrank[0].shape[1], "ldtype": "f16"})
             t["codes"], t["scales"] = where[(e.name, "codes")], where[(e.name, "scales")]
+            if e.lowrank is not None:
+                t["lowrank"] = where[(e.name, "lowrank")]
         else:
             t.update({"store": e.plan.store, "data": where[(e.name, "data")]})
         tensors.append(t)
     sections = [{"name": s.name, "codec": s.codec, "size": len(s.stored), "raw": s.raw_size,
                  "crc": format.crc32(s.stored), "shuffle": s.shuffle} for s in state.sections]
     meta = {"producer": f"squeeze {__version__}", "recipe": state.recipe.name}
+    if state.predicted_loss is not None:  # what the budget allocator expects verify to measure (inspect shows both)
+        meta["predicted_loss_increase"] = f"{state.predicted_loss:.4g}"
     return {"sections": sections, "tensors": tensors, "meta": meta}
 
 
@@ -89,16 +95,20 @@ def _write(state: State) -> bytes:
     return min(blobs, key=len)
 
 
-def compile_state_dict(state_dict: dict, recipe: Recipe | None = None, log=None, hessians: dict | None = None) -> \
-        CompileResult:
-    """`hessians`: {weight name: input Hessian} from squeeze.calibrate, which turns on GPTQ where the recipe allows."""
-    state = State(entries=entries_from_state_dict(state_dict), recipe=recipe or Recipe(), hessians=hessians or {})
+def compile_state_dict(state_dict: dict, recipe: Recipe | None = None, log=None, hessians: dict | None = None,
+                       device: str = "cpu") -> CompileResult:
+    """`hessians`: {weight name: input Hessian} from squeeze.calibrate, which turns on GPTQ where the recipe allows.
+    `device`: where GPTQ computes ("cuda" is much faster; its float64 rounding may differ from the CPU's in rare ties,
+    so bytes are reproducible per device)."""
+    state = State(entries=entries_from_state_dict(state_dict), recipe=recipe or Recipe(), hessians=hessians or {},
+                  device=device)
     state = pipeline.run(state, log=log)
     return CompileResult(blob=_write(state), state=state)
 
 
 def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, sensitivities: dict,
-                      hessians: dict | None = None, code_bytes: int = 0, log=None, max_rounds: int = 8) -> \
+                      hessians: dict | None = None, code_bytes: int = 0, log=None, max_rounds: int = 8,
+                      device: str = "cpu", allocate_config: allocate.AllocateConfig = allocate.AllocateConfig()) -> \
         CompileResult:
     """The artifact with the lowest predicted loss whose size plus `code_bytes` (the user's code and decoder) is at
     most `budget_bytes`, always; SqueezeError if even the narrowest grids do not fit.
@@ -116,10 +126,10 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
     if missing:
         raise SqueezeError(f"{missing[0]}: no sensitivity measured; a budget needs calibration (--calib or "
                            f"--calib-self)")
-    options = {e.name: allocate.options_for(e, sensitivities[e.name], allocate.AllocateConfig())
+    options = {e.name: allocate.options_for(e, sensitivities[e.name], allocate_config, base.hessians.get(e.name))
                for e in allocate.allocatable(base)}
     start = State(entries=base.entries, recipe=recipe, hessians=base.hessians, sensitivities=sensitivities,
-                  allocation_options=options)
+                  allocation_options=options, device=device)
     # trial: the cheapest grid everywhere, which tells what the rest of the artifact costs
     pool = sum(o[0].bytes for o in options.values())
     for round_no in range(1, max_rounds + 1):

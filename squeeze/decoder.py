@@ -17,7 +17,7 @@ import json
 from . import codecs, format
 
 _TEMPLATE = '''\
-# squeeze tiny decoder, format 1.x: load(path) -> {name: tensor}
+# squeeze decoder, format 1.0-1.%(minor)d: load(path)->{name:tensor}
 import json,zlib,numpy as np,torch%(imports)s
 D={%(codecs)s}
 C=%(ids)s
@@ -40,7 +40,7 @@ def load(p):
  except Q:raise
  except Exception as e:E(p+": malformed artifact "+repr(e)[:99])
 def L(p,f):
- if f[:5]!=b"SQZ\\0\\1":E(p+": not a squeeze v1 artifact")
+ if f[:5]!=b"SQZ\\0\\1"or f[5]>%(minor)d:E(p+": not a squeeze v1.0-1.%(minor)d artifact")
  c=f[6];h,r,k=np.frombuffer(f,"<u4",3,8).tolist()
  b=f[20:20+h]
  if zlib.crc32(b)!=k:E(p+": header checksum mismatch")
@@ -62,13 +62,21 @@ def L(p,f):
 if q["pack"]=="dense"and n<8 else u[:N]
   c=torch.from_numpy((u.astype(np.int16)-(1<<n-1)+1).astype(np.int8)).reshape(y,x)
   z=A(P(t["scales"]),q["sdtype"],(y,-1)).float();z=z[:,:1]if g==0 else z[:,torch.arange(x)//g]
-  R[e]=(c.float()*z).to(d).reshape(s)
- return{t["name"]:(R[t["alias"]].t().contiguous()if t["t"]else R[t["alias"]])if"alias"in t else R[t["name"]]\
+%(reconstruct)s return{t["name"]:(R[t["alias"]].t().contiguous()if t["t"]else R[t["alias"]])if"alias"in t else R[t["name"]]\
 for t in H["tensors"]}
 '''
 
-def emit(codec_names) -> str:
-    """Decoder source for artifacts whose header and sections use only `codec_names`."""
+# How a quantized tensor is rebuilt: w = q·scale, cast (1.1); plus the low-rank correction's outer products, added in
+# k order as docs/FORMAT.md says (1.2). Decoders for files that declare 1.1 leave the 1.2 lines out and refuse 1.2.
+_RECONSTRUCT = {1: """  R[e]=(c.float()*z).to(d).reshape(s)
+""", 2: """  w=c.float()*z;k=q.get("rank",0);a=k and A(P(t["lowrank"]),q["ldtype"],-1).float();o=y*k
+  for j in range(k):w=w+a[j:o:k,None]*a[o+j*x:o+j*x+x]
+  R[e]=w.to(d).reshape(s)
+"""}
+
+
+def emit(codec_names, minor: int = 1) -> str:
+    """Decoder source for artifacts of format 1.0 to 1.`minor` whose header and sections use only `codec_names`."""
     used = [m for m in codecs.BY_NAME.values() if m.NAME in set(codec_names)]
     imports = "".join(f"\n{m.DECODER_IMPORT}" for m in used if m.DECODER_IMPORT)
     table = ",".join(f'"{m.NAME}":{m.DECODER_EXPR}' for m in used)
@@ -76,7 +84,8 @@ def emit(codec_names) -> str:
            for m in sorted(codecs.BY_NAME.values(), key=lambda m: m.ID)]
     while ids and not ids[-1]:
         ids.pop()
-    source = _TEMPLATE % {"imports": imports, "codecs": table, "ids": json.dumps(ids, separators=(",", ":"))}
+    source = _TEMPLATE % {"imports": imports, "codecs": table, "ids": json.dumps(ids, separators=(",", ":")),
+                          "minor": minor, "reconstruct": _RECONSTRUCT[minor]}
     defs = "".join(getattr(m, "DECODER_DEF", "") for m in used)
     if defs:  # a layout-aware codec's definitions include the real V
         source = source.replace("V=lambda H:{}\n", "") + defs
@@ -90,4 +99,5 @@ def codecs_used(art: format.Artifact) -> list:
 
 def emit_for(path_or_bytes) -> str:
     from .loader import read_artifact
-    return emit(codecs_used(read_artifact(path_or_bytes)))
+    art = read_artifact(path_or_bytes)
+    return emit(codecs_used(art), art.minor)

@@ -16,7 +16,7 @@ from .errors import FormatError
 from .quant import matrix_shape, n_groups
 
 MAGIC = b"SQZ\x00"
-VERSION = (1, 1)
+VERSION = (1, 2)          # the newest this reader reads; write() puts the lowest that describes the file
 PREAMBLE = struct.Struct("<4sBBBBIII")   # magic, major, minor, header codec id, reserved, size, raw size, crc
 MAX_HEADER_RAW = 16 << 20
 MAX_SECTION_RAW = (1 << 32) - 1
@@ -33,8 +33,9 @@ SHUFFLE_WIDTHS = (1, 2, 4, 8)
 PACKS = ("byte", "dense")
 SCALE_DTYPES = ("f16", "bf16", "f32")
 STORAGE_FORMS = ("alias", "data", "q")
-PART_KINDS = ("data", "codes", "scales")
-PARTS_OF_FORM = {"alias": (), "data": ("data",), "q": ("codes", "scales")}
+PART_KINDS = ("data", "codes", "scales", "lowrank")
+PARTS_OF_FORM = {"alias": (), "data": ("data",), "q": ("codes", "scales", "lowrank")}
+LOWRANK_KEYS = ("rank", "ldtype")  # in "q", present exactly when the tensor has a "lowrank" part (1.2)
 
 
 def crc32(data: bytes) -> int:
@@ -45,9 +46,16 @@ def write(header: dict, stored_sections: list, header_codec: str, params) -> byt
     """Preamble + coded header + sections. `header` must already hold each section's size, raw size and crc."""
     raw_header = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     stored_header = codecs.encode(header_codec, raw_header, params)
-    preamble = PREAMBLE.pack(MAGIC, VERSION[0], VERSION[1], codecs.get(header_codec).ID, 0,
+    preamble = PREAMBLE.pack(MAGIC, VERSION[0], minor_version_of(header), codecs.get(header_codec).ID, 0,
                              len(stored_header), len(raw_header), crc32(stored_header))
     return b"".join([preamble, stored_header, *stored_sections])
+
+
+def minor_version_of(header: dict) -> int:
+    """The lowest minor version whose features the header uses: 2 with a low-rank correction, else 1. Writing the
+    lowest keeps every file that needs no 1.2 feature readable by 1.1 readers (and by tiny decoders emitted then)."""
+    tensors = header.get("tensors") if isinstance(header, dict) else None  # write() serialises any header (fuzzer)
+    return 2 if isinstance(tensors, list) and any(isinstance(t, dict) and "lowrank" in t for t in tensors) else 1
 
 
 @dataclass
@@ -61,6 +69,7 @@ class Artifact:
     offsets: list
     layouts: list             # per section: [(rows, cols), ...] of its parts (docs/FORMAT.md, "The section layout")
     source: str = "artifact"
+    minor: int = VERSION[1]   # the minor version the preamble declares
     _decoded: dict = field(default_factory=dict)
 
     @property
@@ -96,7 +105,7 @@ class Artifact:
 def read(blob: bytes, source: str = "artifact", max_decoded_bytes: int = MAX_DECODED) -> Artifact:
     """Parse and check the preamble and header; FormatError naming what is wrong. Sections are decoded later."""
     blob = bytes(blob)
-    header_codec, h_size, h_raw, h_crc = _read_preamble(blob, source)
+    header_codec, minor, h_size, h_raw, h_crc = _read_preamble(blob, source)
     data_start = PREAMBLE.size + h_size
     if data_start > len(blob):
         raise FormatError(f"{source}: header: truncated ({len(blob) - PREAMBLE.size} of {h_size} bytes)")
@@ -107,12 +116,16 @@ def read(blob: bytes, source: str = "artifact", max_decoded_bytes: int = MAX_DEC
     _check_top_level(header, source)
     offsets = _check_sections(header["sections"], len(blob), data_start, source, max_decoded_bytes)
     layouts = _check_tensors(header, source, max_decoded_bytes)
+    if minor < minor_version_of(header):
+        lowrank = next(t["name"] for t in header["tensors"] if "lowrank" in t)
+        raise FormatError(f"{source}: tensor {lowrank}: a low-rank correction is a format 1.2 feature, the file "
+                          f"declares 1.{minor}")
     return Artifact(blob=blob, header=header, header_codec=header_codec, header_size=h_size, data_start=data_start,
-                    offsets=offsets, layouts=layouts, source=source)
+                    offsets=offsets, layouts=layouts, source=source, minor=minor)
 
 
-def _read_preamble(blob: bytes, source: str) -> tuple[str, int, int, int]:
-    """(header codec name, header size, header raw size, header crc) from a checked preamble."""
+def _read_preamble(blob: bytes, source: str) -> tuple[str, int, int, int, int]:
+    """(header codec name, minor version, header size, header raw size, header crc) from a checked preamble."""
     if len(blob) < PREAMBLE.size:
         raise FormatError(f"{source}: too short to be a squeeze artifact ({len(blob)} bytes)")
     magic, major, minor, codec_id, reserved, h_size, h_raw, h_crc = PREAMBLE.unpack_from(blob)
@@ -129,7 +142,7 @@ def _read_preamble(blob: bytes, source: str) -> tuple[str, int, int, int]:
         raise FormatError(f"{source}: header: codec {codec} (id {codec_id}) codes sections only, never the header")
     if h_raw > MAX_HEADER_RAW:
         raise FormatError(f"{source}: header: declared size {h_raw} exceeds {MAX_HEADER_RAW}")
-    return codec, h_size, h_raw, h_crc
+    return codec, minor, h_size, h_raw, h_crc
 
 
 def _parse_int(text: str) -> int:
@@ -263,8 +276,11 @@ def expected_part_sizes(t: dict) -> dict:
     if "q" in t:
         rows, cols = matrix_shape(t["shape"])
         q = t["q"]
-        return {"codes": packing.packed_size(numel, q["bits"], q["pack"]),
-                "scales": rows * n_groups(cols, q["group"]) * itemsize(q["sdtype"])}
+        sizes = {"codes": packing.packed_size(numel, q["bits"], q["pack"]),
+                 "scales": rows * n_groups(cols, q["group"]) * itemsize(q["sdtype"])}
+        if "rank" in q:
+            sizes["lowrank"] = q["rank"] * (rows + cols) * itemsize(q["ldtype"])
+        return sizes
     if "data" in t:
         return {"data": numel * itemsize(t["store"])}
     return {}
@@ -353,7 +369,7 @@ def _check_storage(t: dict, what: str, n_sections: int) -> list:
     """[(kind, part, matrix)] of a stored tensor, after checking its scheme and its parts' references."""
     if "q" in t:
         _check_quant_fields(t, what)
-        kinds = ("codes", "scales")
+        kinds = ("codes", "scales", "lowrank") if "lowrank" in t else ("codes", "scales")
     else:
         _check_store_field(t, what)
         kinds = ("data",)
@@ -382,6 +398,21 @@ def _check_quant_fields(t: dict, what: str):
     if t["dtype"] not in FLOAT_CODES:
         raise FormatError(f"{what}: a {t['dtype']} tensor cannot be quantized (dtype must be one of "
                           f"{', '.join(FLOAT_CODES)})")
+    _check_lowrank_fields(t, q, what)
+
+
+def _check_lowrank_fields(t: dict, q: dict, what: str):
+    """rank, ldtype and the lowrank part come together; 1 <= rank <= min(R, C)."""
+    present = [k in q for k in LOWRANK_KEYS] + ["lowrank" in t]
+    if any(present) and not all(present):
+        raise FormatError(f"{what}: a low-rank correction needs 'rank' and 'ldtype' in q and a 'lowrank' part, "
+                          f"all three or none")
+    if not any(present):
+        return
+    rows, cols = matrix_shape(t["shape"])
+    if not _is_int(q["rank"], 1, max(1, min(rows, cols))):
+        raise _bad_field(what, q, "rank", f"an integer in 1..{max(1, min(rows, cols))} (the smaller side)")
+    _require_choice(what, q, "ldtype", SCALE_DTYPES)
 
 
 def _check_store_field(t: dict, what: str):

@@ -5,14 +5,20 @@ so the integers add up); in a rans section, the coded bytes in proportion to eac
 (stream header, tables, lane states) in proportion to decoded sizes. The preamble and header have rows of their own.
 Beside each quantized tensor stands the order-0 entropy of its codes: the size an ideal coder with one table for the
 tensor would reach, so the coded bytes show how far the codec is from it (or, with contexts, below it).
+
+The summary also puts the budget allocator's predicted loss increase (header meta, --budget compiles) beside the
+drift `squeeze verify` measured (its report, ARTIFACT.verify.json), when each is known.
 """
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from . import codecs, format
 from .codecs import rans
+from .errors import SqueezeError
 from .loader import read_artifact
+from .verify import record
 
 
 @dataclass
@@ -34,6 +40,20 @@ class TensorRow:
 
 
 @dataclass
+class Drift:
+    """The budget allocator's predicted loss increase beside what `squeeze verify` measured, where each is known.
+    The prediction is on the calibration data and the measurement on the validation data, both in nats/token."""
+    predicted_loss: float | None = None  # header meta predicted_loss_increase (--budget compiles only)
+    measured_loss: float | None = None   # decoded − original val_loss, from the verify report
+    measured_bpb: float | None = None    # decoded − original val_bpb
+    ratio: float | None = None           # measured_loss / predicted_loss
+    tokens: int | None = None            # validation predictions verify scored
+    val: str | None = None               # the validation shards' glob
+    report: str | None = None            # the verify report the measured figures come from
+    note: str | None = None              # why a verify report was not used (one line)
+
+
+@dataclass
 class Report:
     file_size: int
     preamble_bytes: int
@@ -45,6 +65,8 @@ class Report:
     tensors: list = field(default_factory=list)
     roles: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    sha256: str = ""
+    drift: Drift = field(default_factory=Drift)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +78,8 @@ def scheme_of(t: dict) -> str:
     if "q" in t:
         q = t["q"]
         grain = "row" if q["group"] == 0 else f"g{q['group']}"
-        return f"int{q['bits']}/{grain} {q['clip']} {q['pack']}"
+        lowrank = f" +r{q['rank']}" if "rank" in q else ""  # the low-rank correction (FORMAT.md 1.2)
+        return f"int{q['bits']}/{grain} {q['clip']} {q['pack']}{lowrank}"
     return t["store"] if t["store"] == t["dtype"] else f"{t['store']}←{t['dtype']}"
 
 
@@ -93,13 +116,46 @@ def _shares(art: format.Artifact, i: int, parts: list) -> tuple[list, list, list
     return [a + b for a, b in zip(coded, extra)], extra, models
 
 
-def inspect(path_or_bytes) -> Report:
+def predicted_loss_of(meta: dict) -> float | None:
+    """The allocator's prediction from the header meta; None when absent (not a --budget compile) or unreadable
+    (meta is informational, so a bad value is not worth refusing the artifact for)."""
+    try:
+        value = float(meta.get("predicted_loss_increase"))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def drift_of(meta: dict, sha256: str, verify_report=None) -> Drift:
+    """The prediction, and the measurement from `verify_report` (a path) when it is a report of these bytes. A
+    report that cannot be used leaves a note instead: inspect still works without it."""
+    drift = Drift(predicted_loss=predicted_loss_of(meta))
+    if verify_report is None:
+        return drift
+    try:
+        measured = record.read(verify_report)
+    except SqueezeError as e:
+        drift.note = f"verify report ignored: {e}"
+        return drift
+    if measured.sha256 != sha256:
+        drift.note = f"verify report ignored: {verify_report}: report is for another artifact (sha256 differs)"
+        return drift
+    drift.measured_loss, drift.measured_bpb = measured.loss_increase, measured.bpb_drift
+    drift.tokens, drift.val, drift.report = measured.tokens, measured.val, str(verify_report)
+    if drift.predicted_loss:  # a zero prediction has no meaningful ratio
+        drift.ratio = drift.measured_loss / drift.predicted_loss
+    return drift
+
+
+def inspect(path_or_bytes, verify_report=None) -> Report:
+    """Where every byte went; with `verify_report` (the path of a `squeeze verify` report, e.g.
+    record.default_path(artifact)), the measured drift too."""
     art = read_artifact(path_or_bytes)
     art.check_crcs()
     attributed, raw_of, codecs_of, entropy_of, overhead_of, codes_of, model_of = {}, {}, {}, {}, {}, {}, {}
     members = {}  # section -> [(offset, raw length, tensor, kind)], in offset order like the section layout
     for t in art.tensors:
-        for kind in ("data", "codes", "scales"):
+        for kind in format.PART_KINDS:
             if kind in t:
                 members.setdefault(t[kind][0], []).append((t[kind][1], t[kind][2], t["name"], kind))
     sections = []
@@ -146,10 +202,13 @@ def inspect(path_or_bytes) -> Report:
     for r in roles.values():
         r["bits_per_weight"] = round(8 * r["bytes"] / r["params"], 4) if r["params"] else 0.0
     size = len(art.blob)
+    meta = art.header.get("meta", {})
+    sha256 = record.sha256_of(art.blob)
     return Report(file_size=size, preamble_bytes=format.PREAMBLE.size, header_bytes=art.header_size,
                   header_codec=art.header_codec, params=params,
                   bits_per_param=round(8 * size / params, 4) if params else 0.0,
-                  sections=sections, tensors=tensors, roles=roles, meta=art.header.get("meta", {}))
+                  sections=sections, tensors=tensors, roles=roles, meta=meta, sha256=sha256,
+                  drift=drift_of(meta, sha256, verify_report))
 
 
 def render(report: Report) -> str:
@@ -186,4 +245,22 @@ def render(report: Report) -> str:
                  f"+ sections {body:,} B = {report.file_size:,} B")
     lines.append(f"{report.params:,} parameters, {report.bits_per_param:.4f} bits/param overall; "
                  f"recipe {report.meta.get('recipe', '?')}, {report.meta.get('producer', '?')}")
+    lines.extend(render_drift(report.drift))
     return "\n".join(lines)
+
+
+def render_drift(d: Drift) -> list:
+    """Summary lines: predicted and measured loss increase, or nothing when neither is known."""
+    lines = []
+    if d.predicted_loss is not None:
+        lines.append(f"predicted loss increase {d.predicted_loss:+.4g} nats/token (budget allocator, on calibration "
+                     f"data)")
+    if d.measured_loss is not None:
+        ratio = f"; measured/predicted {d.ratio:.2f}" if d.ratio is not None else ""
+        lines.append(f"measured loss increase  {d.measured_loss:+.6f} nats/token, val_bpb {d.measured_bpb:+.6f}{ratio}")
+        lines.append(f"  (squeeze verify on {d.tokens:,} tokens of {d.val}: {d.report})")
+    elif d.predicted_loss is not None and d.note is None:
+        lines.append("measured loss increase  - (no verify report: run squeeze verify on this artifact)")
+    if d.note:
+        lines.append(d.note)
+    return lines

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import format, packing, quant
-from .dtypes import tensor_from_bytes, torch_dtype
+from .dtypes import itemsize, tensor_from_bytes, torch_dtype
 from .errors import FormatError
 
 
@@ -53,7 +53,17 @@ def decode_tensor(art: format.Artifact, t: dict) -> torch.Tensor:
     # large a group the header declares.
     group = min(q["group"], cols)
     scales = tensor_from_bytes(art.part(t["scales"]), q["sdtype"], (rows, quant.n_groups(cols, group)))
-    return quant.dequantize(codes, scales, group, dtype, t["shape"])
+    return quant.dequantize(codes, scales, group, dtype, t["shape"], lowrank_factors(art, t, rows, cols))
+
+
+def lowrank_factors(art: format.Artifact, t: dict, rows: int, cols: int) -> tuple | None:
+    """(U [R, r], V [r, C]) of a tensor's low-rank correction, or None (docs/FORMAT.md, 1.2)."""
+    if "lowrank" not in t:
+        return None
+    q, data = t["q"], art.part(t["lowrank"])
+    cut = rows * q["rank"] * itemsize(q["ldtype"])  # bytes of U
+    return (tensor_from_bytes(data[:cut], q["ldtype"], (rows, q["rank"])),
+            tensor_from_bytes(data[cut:], q["ldtype"], (q["rank"], cols)))
 
 
 def load(path_or_bytes, max_decoded_bytes: int = format.MAX_DECODED) -> dict:

@@ -1,14 +1,15 @@
-"""The pass pipeline: runs tie -> classify -> plan -> allocate -> quantize -> gptq -> pack -> encode and records what each did."""
+"""The pass pipeline: runs tie -> classify -> plan -> allocate -> quantize -> gptq -> lowrank -> pack -> encode and
+records what each did."""
 import dataclasses
 import time
 
-from .passes import allocate, classify, encode, gptq, pack, plan, quantize, tie
+from .passes import allocate, classify, encode, gptq, lowrank, pack, plan, quantize, tie
 from .recipe import Recipe
 from .state import PassRecord, State
 
 
-def passes_for(recipe: Recipe) -> list:
-    """(name, run, config) for each pass, configs derived from the recipe."""
+def passes_for(recipe: Recipe, device: str = "cpu") -> list:
+    """(name, run, config) for each pass, configs derived from the recipe; `device` is where GPTQ computes."""
     enc = recipe.encode
     return [
         ("tie", tie.run, tie.TieConfig()),
@@ -17,7 +18,8 @@ def passes_for(recipe: Recipe) -> list:
         ("allocate", allocate.run, allocate.AllocateConfig()),
         ("quantize", quantize.run, quantize.QuantizeConfig()),
         ("gptq", gptq.run, gptq.GPTQConfig(block_size=recipe.gptq.block_size, damp=recipe.gptq.damp,
-                                            act_order=recipe.gptq.act_order)),
+                                            act_order=recipe.gptq.act_order, device=device)),
+        ("lowrank", lowrank.run, lowrank.LowRankConfig()),
         ("pack", pack.run, pack.PackConfig()),
         ("encode", encode.run, encode.EncodeConfig(group_by=enc.group_by, candidates=enc.candidates,
                                                    shuffle=enc.shuffle, params=enc.params)),
@@ -26,7 +28,7 @@ def passes_for(recipe: Recipe) -> list:
 
 def run(state: State, log=None) -> State:
     """Run every pass; `log` (a callable taking a PassRecord) sees each as it finishes (the CLI's --verbose)."""
-    for name, fn, config in passes_for(state.recipe):
+    for name, fn, config in passes_for(state.recipe, state.device):
         before, t0 = state.nbytes(), time.perf_counter()
         state = fn(state, config)
         record = PassRecord(name=name, seconds=time.perf_counter() - t0, bytes_in=before, bytes_out=state.nbytes())

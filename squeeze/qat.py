@@ -281,6 +281,9 @@ def _parametrization_for(target: QATTarget, p: torch.Tensor, config: QATConfig) 
     if getattr(plan, "method", "rtn") == "gptq":
         raise ValueError(f"{target.name}: the recipe asks for GPTQ, whose codes depend on calibration data; "
                          "QAT mirrors round-to-nearest only (set method = \"rtn\" for this tensor)")
+    if plan.lowrank_rank:
+        raise ValueError(f"{target.name}: the recipe adds a low-rank correction, which compile fits to the final "
+                         "quantization error; QAT does not mirror it (set lowrank_rank = 0 for this tensor)")
     quant.quantize(p, plan.quant, target.name)  # reports a scale outside the stored dtype now, by name
     if config.learn_scales:
         return LearnedScaleFakeQuantize(plan.quant, p, config.enabled)

@@ -173,8 +173,22 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return dequantize(codes, scales, spec.group, w.dtype, w.shape)
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype, shape) -> torch.Tensor:
-    """w = float32(q) * float32(scale), cast to dtype, reshaped (docs/FORMAT.md reconstruction rule)."""
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype, shape,
+               lowrank: tuple | None = None) -> torch.Tensor:
+    """w = float32(q) * float32(scale), plus the low-rank correction if any, cast to dtype, reshaped
+    (docs/FORMAT.md reconstruction rule)."""
     cols = codes.shape[1]
     w = codes.to(torch.float32) * _expand(scales.to(torch.float32).reshape(codes.shape[0], -1), group, cols)
+    if lowrank is not None:
+        w = add_lowrank(w, *lowrank)
     return w.to(dtype).reshape(tuple(shape))
+
+
+def add_lowrank(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """w [R, C] float32 + Σ_k U[:, k] ⊗ V[k, :], one outer product at a time in k order, each element one float32
+    multiply and one float32 add: unlike a matmul (whose summation order is the library's), every decoder gets the
+    same bits (docs/FORMAT.md)."""
+    u, v = u.to(torch.float32), v.to(torch.float32)
+    for k in range(u.shape[1]):
+        w = w + u[:, k:k + 1] * v[k:k + 1, :]
+    return w

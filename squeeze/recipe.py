@@ -51,6 +51,7 @@ class TensorSettings:
     pack: str = "auto"             # auto | byte | dense ("auto": dense only when the codec is raw)
     codec: str = "auto"            # a codec name, or "auto": the smallest of [encode].candidates
     method: str = "auto"           # rtn | gptq | auto (gptq where compile has calibration Hessians, else rtn)
+    lowrank_rank: int = 0          # r > 0: add a rank-r correction of the quantization error (passes/lowrank.py)
 
     def quant_spec(self) -> QuantSpec:
         value = {"percentile": self.clip_percentile, "std": self.clip_std_k}.get(self.clip, 0.0)
@@ -207,6 +208,8 @@ def _check_setting(chk: _Checker, table: str, key: str, value, index: int = 0):
         bad("clip_std_k must be a positive, finite number")
     if key == "scale_min" and not 0 <= value < float("inf"):
         bad("scale_min must be a finite number >= 0")
+    if key == "lowrank_rank" and not 0 <= value <= 4096:
+        bad("lowrank_rank must be 0 (none) .. 4096")
     if key == "mse_grid" and not 1 <= value <= 1024:
         bad("mse_grid must be 1..1024")
     if key == "scale_dtype":

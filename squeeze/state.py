@@ -19,6 +19,7 @@ class Plan:
     pack: str = "byte"          # "byte" | "dense" (int only)
     codec: str = "auto"
     method: str = "rtn"         # "rtn" | "gptq" (int only): how codes are chosen on the grid the scales define
+    lowrank_rank: int = 0       # int only: rank of the correction the lowrank pass adds (0: none)
     reason: str = ""            # which rule or routing chose this, for inspect
 
 
@@ -34,8 +35,9 @@ class TensorEntry:
     plan: Plan | None = None
     codes: torch.Tensor | None = None       # int8 [R, C], set by `quantize`
     scales: torch.Tensor | None = None
+    lowrank: tuple | None = None            # (U [R, r], V [r, C]) in f16, set by `lowrank`
     note: str = ""                          # what a refining pass did (e.g. gptq's calibration-loss gain)
-    parts: tuple = ()                       # ((kind, bytes), ...), set by `pack`; kinds: data | codes | scales
+    parts: tuple = ()                       # ((kind, bytes), ...), set by `pack`; kinds: data | codes | scales | lowrank
 
     @property
     def numel(self) -> int:
@@ -74,6 +76,8 @@ class State:
     allocation_pool: int | None = None  # bytes the allocate pass may spend on the tensors it decides (budget mode)
     allocation_options: dict = field(default_factory=dict)  # name -> hull of Options, computed once per budget
     allocated_bytes: float = 0.0        # the allocate pass's estimate of what it spent
+    predicted_loss: float | None = None  # the allocate pass's predicted loss increase (nats/token, calibration data)
+    device: str = "cpu"                 # where passes that can use an accelerator compute (GPTQ)
     sections: tuple = ()
     log: tuple = ()
 
@@ -90,6 +94,7 @@ class State:
                 total += sum(len(b) for _, b in e.parts)
             elif e.codes is not None:
                 total += e.codes.numel() + e.scales.numel() * e.scales.element_size()
+                total += sum(f.numel() * f.element_size() for f in e.lowrank or ())
             elif e.tensor is not None:
                 total += e.tensor.numel() * e.tensor.element_size()
         return total

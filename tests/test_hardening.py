@@ -347,12 +347,12 @@ def tiny_error(tiny, tmp_path, data: bytes) -> ValueError:
 
 
 @pytest.mark.parametrize("damage,message", [
-    (lambda b: b[:4], "squeeze: P: not a squeeze v1 artifact"),
+    (lambda b: b[:4], "squeeze: P: not a squeeze v1.0-1.1 artifact"),
     (lambda b: b"SQZ\x00\x01" + b"\x00" * 5,
      "squeeze: P: malformed artifact ValueError('buffer is smaller than requested size')"),
     (lambda b: edited(b, _tensor("gain", dtype="x" * 200)),  # the exception's repr is cut at 99 characters
      "squeeze: P: malformed artifact KeyError('" + "x" * 89),
-    (lambda b: _with_preamble(b, major=2), "squeeze: P: not a squeeze v1 artifact"),
+    (lambda b: _with_preamble(b, major=2), "squeeze: P: not a squeeze v1.0-1.1 artifact"),
     (lambda b: _with_preamble(b, codec=9), "squeeze: P: malformed artifact IndexError('list index out of range')"),
     (lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:], "squeeze: P: header checksum mismatch"),
     (lambda b: b[:-1], "squeeze: P: section 'raw.bool' checksum mismatch"),

@@ -475,7 +475,7 @@ DECODER_DEF = '''\
 def V(H):
  Y={}
  for t in H["tensors"]:
-  for k in("codes","scales","data"):
+  for k in"codes","scales","data","lowrank":
    if k in t:
     r=t[k];s=t["shape"];N=int(np.prod(s));y=s[0]if len(s)>1 else 1
     Y.setdefault(r[0],[]).append((r[1],r[2],t["name"],(y,N//y if y else 0)if k=="codes"and t["q"]["pack"]=="byte"else(1,r[2])))

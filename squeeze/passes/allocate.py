@@ -4,8 +4,14 @@ For every tensor the recipe quantizes with its [defaults] (tensors a [[rules]] e
 float and control tensors), each candidate grid — a width b and a std clip k, so a step Δ = k·σ/(2^(b−1)−1): with
 entropy coding the step, not b, sets the rate — gives, from an actual round-to-nearest quantization:
   bytes  ≈ the codes' order-0 entropy (what rans codes them to, within 0.5%) + the scales;
-  ΔL     ≈ sensitivity · mean squared error, the sensitivity being the loss increase per unit of weight-noise
-           variance measured on calibration data (squeeze/calibrate.py: sensitivities).
+  ΔL     ≈ sensitivity · weighted mean squared error, the sensitivity being the loss increase per unit of
+           weight-noise variance measured on calibration data (squeeze/calibrate.py: sensitivities). Each input
+           column's squared error is weighted by its share of diag(H) (the layer's input Hessian; uniform without
+           one): white noise of variance v scores v, as in the probe, and an error the inputs never excite scores 0.
+Refinements of the grids on that hull add candidates: the same width and clip with one scale per `group` elements
+of a row instead of per row (a finer clip where a row's parts differ, for more scale bytes); a rank-r correction
+(passes/lowrank.py), which adds r·(R + C) f16 values and removes the r largest weighted singular values of the error;
+and keeping the tensor in f16 (bytes: the order-0 entropy of its two byte planes; ΔL: that of the f16 rounding).
 Only each tensor's lower convex hull of (bytes, ΔL) can be optimal. Starting from its cheapest point everywhere,
 the pass repeatedly moves the tensor whose next hull point buys the most loss per byte while the pool lasts
 (marginal analysis: the greedy form of reverse water-filling). compile's budget loop (squeeze/compiler.py:
@@ -22,13 +28,17 @@ from .. import quant
 from ..calibrate import PROBE_NOISE
 from ..codecs import rans
 from ..errors import SqueezeError
-from ..state import State
+from ..state import Plan, State
+from . import lowrank
 
 
 @dataclass(frozen=True)
 class AllocateConfig:
     bits_choices: tuple = (2, 3, 4, 5, 6, 7, 8)
     clip_k_choices: tuple = (2.5, 3.5, 5.0, 7.0, 10.0, 14.0)
+    lowrank_ranks: tuple = (4, 8, 16, 32)   # () turns low-rank corrections off
+    group_choices: tuple = (128,)           # scale groups tried besides one scale per row; () for rows only
+    float_option: bool = True               # may a tensor stay f16
 
 
 @dataclass(frozen=True)
@@ -37,33 +47,60 @@ class Option:
     clip_k: float
     bytes: float
     loss: float
+    rank: int = 0           # of the low-rank correction (0: none)
+    group: int = 0          # scale group (0: one scale per row)
+    keep_float: bool = False  # stored f16, not quantized (bits, clip_k, rank, group unused)
 
 
-def options_for(e, sensitivity: float, config: AllocateConfig) -> list:
-    """The tensor's lower convex hull of (estimated bytes, predicted loss increase) over the candidate grids,
-    cheapest first."""
-    points = []
+def options_for(e, sensitivity: float, config: AllocateConfig, hessian: torch.Tensor | None = None) -> list:
+    """The tensor's lower convex hull of (estimated bytes, predicted loss increase) over the candidate grids, with and
+    without low-rank corrections, cheapest first."""
     w2 = quant.as_matrix(e.tensor)
+    rows, cols = w2.shape
     max_mse = (PROBE_NOISE ** 2) * float(w2.double().var())  # beyond the probe, sensitivity·mse is a guess
-    for bits in config.bits_choices:
-        for k in config.clip_k_choices:
-            spec = dataclasses.replace(e.plan.quant, bits=bits, clip="std", clip_value=k)
-            codes, scales = quant.quantize(e.tensor, spec, e.name)
-            w_hat = quant.dequantize(codes, scales, spec.group, torch.float32, w2.shape)
-            mse = float((w_hat - w2).double().square().mean())
-            counts = np.bincount(codes.numpy().ravel().astype(np.int64) + 128, minlength=256)
-            size = rans.entropy_bits(counts) / 8 + scales.numel() * scales.element_size()
-            if mse <= max_mse:
-                points.append(Option(bits, k, size, sensitivity * mse))
+    s = lowrank.column_scale(hessian, cols)
+    weight = rows * float(s.square().sum())  # Σ (E·s)² / weight: the weighted mse
+
+    def predicted(error: torch.Tensor) -> float:
+        return sensitivity * float((error.double() * s).square().sum()) / weight
+
+    errors = {}  # (bits, clip_k, group) -> error matrix, for the low-rank refinement
+
+    def grid(bits: int, k: float, group: int) -> Option | None:
+        spec = dataclasses.replace(e.plan.quant, bits=bits, clip="std", clip_value=k, group=group)
+        codes, scales = quant.quantize(e.tensor, spec, e.name)
+        error = w2 - quant.dequantize(codes, scales, spec.group, torch.float32, w2.shape)
+        if float(error.double().square().mean()) > max_mse:
+            return None
+        counts = np.bincount(codes.numpy().ravel().astype(np.int64) + 128, minlength=256)
+        errors[(bits, k, group)] = error
+        size = rans.entropy_bits(counts) / 8 + scales.numel() * scales.element_size()
+        return Option(bits, k, size, predicted(error), group=group)
+
+    points = [o for bits in config.bits_choices for k in config.clip_k_choices if (o := grid(bits, k, 0))]
     if not points:
         raise SqueezeError(f"{e.name}: no candidate grid quantizes it within the calibrated error range")
+    for o in lower_hull(points):
+        points += [p for g in config.group_choices if 0 < g < cols and (p := grid(o.bits, o.clip_k, g))]
+    hull = lower_hull(points)
+    ranks = [r for r in config.lowrank_ranks if r < min(rows, cols)]
+    for o in hull if ranks else ():
+        energy = lowrank.weighted_svd(errors[(o.bits, o.clip_k, o.group)], s)[1].square()
+        left = energy.flip(0).cumsum(0).flip(0)  # left[r]: weighted error energy beyond the top r directions
+        points += [dataclasses.replace(o, bytes=o.bytes + 2 * r * (rows + cols),
+                                       loss=sensitivity * float(left[r]) / weight, rank=r) for r in ranks]
+    half = e.tensor.detach().to(torch.float16)
+    if config.float_option and torch.isfinite(half).all():
+        planes = half.reshape(-1).view(torch.uint8).reshape(-1, 2).numpy()
+        size = sum(rans.entropy_bits(np.bincount(planes[:, i], minlength=256)) for i in (0, 1)) / 8
+        points.append(Option(16, 0.0, size, predicted(w2 - quant.as_matrix(half)), keep_float=True))
     return lower_hull(points)
 
 
 def lower_hull(points: list) -> list:
     """The points no mix of two others beats: sorted by bytes, loss strictly falling, slopes flattening."""
     hull = []
-    for p in sorted(points, key=lambda o: (o.bytes, o.loss, o.bits, o.clip_k)):
+    for p in sorted(points, key=lambda o: (o.bytes, o.loss, o.bits, o.clip_k, o.group, o.rank)):
         if hull and p.loss >= hull[-1].loss:
             continue
         while len(hull) >= 2:
@@ -111,6 +148,15 @@ def allocatable(state: State) -> list:
             if e.plan is not None and e.plan.scheme == "int" and e.plan.reason == "defaults"]
 
 
+def plan_of(plan: Plan, o: Option) -> Plan:
+    """The tensor's plan with the chosen candidate."""
+    reason = f"budget: ~{o.bytes:,.0f} B, predicted ΔL {o.loss:.2e}"
+    if o.keep_float:
+        return Plan(scheme="float", store="f16", codec=plan.codec, reason=reason)
+    spec = dataclasses.replace(plan.quant, bits=o.bits, clip="std", clip_value=o.clip_k, group=o.group)
+    return dataclasses.replace(plan, quant=spec, lowrank_rank=o.rank, reason=reason)
+
+
 def run(state: State, config: AllocateConfig = AllocateConfig()) -> State:
     """Off unless the state carries a byte pool (state.allocation_pool, set by compile_to_budget)."""
     if state.allocation_pool is None:
@@ -120,17 +166,13 @@ def run(state: State, config: AllocateConfig = AllocateConfig()) -> State:
     if missing:
         raise SqueezeError(f"{missing[0]}: no sensitivity measured; a budget needs calibration (--calib or "
                            f"--calib-self)")
-    options = {e.name: state.allocation_options.get(e.name) or options_for(e, state.sensitivities[e.name], config)
-               for e in entries}
+    options = {e.name: state.allocation_options.get(e.name) or
+               options_for(e, state.sensitivities[e.name], config, state.hessians.get(e.name)) for e in entries}
     chosen = allocate(options, state.allocation_pool)
     out = []
     for e in state.entries:
         if e.name in chosen:
-            o = chosen[e.name]
-            spec = dataclasses.replace(e.plan.quant, bits=o.bits, clip="std", clip_value=o.clip_k)
-            plan = dataclasses.replace(e.plan, quant=spec,
-                                       reason=f"budget: ~{o.bytes:,.0f} B, predicted ΔL {o.loss:.2e}")
-            e = dataclasses.replace(e, plan=plan)
+            e = dataclasses.replace(e, plan=plan_of(e.plan, chosen[e.name]))
         out.append(e)
-    return dataclasses.replace(state, entries=tuple(out),
-                               allocated_bytes=sum(o.bytes for o in chosen.values()))
+    return dataclasses.replace(state, entries=tuple(out), allocated_bytes=sum(o.bytes for o in chosen.values()),
+                               predicted_loss=sum(o.loss for o in chosen.values()))

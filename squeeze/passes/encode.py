@@ -33,6 +33,8 @@ def _group_key(e, kind: str, group_by: str) -> tuple[str, int]:
         base, width = "codes", 1
     elif kind == "scales":
         base, width = f"scales.{p.quant.scale_dtype}", itemsize(p.quant.scale_dtype)
+    elif kind == "lowrank":  # never with parts of another kind: a 1.1 reader then refuses the file (FORMAT.md)
+        base, width = "lowrank.f16", 2
     else:
         base, width = f"{p.scheme}.{p.store}", itemsize(p.store)
     if group_by == "tensor":

@@ -24,6 +24,7 @@ class GPTQConfig:
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = True
+    device: str = "cpu"     # where the float64 work runs (compile's --device: cuda makes it seconds, not minutes)
 
 
 def layer_loss(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -35,16 +36,17 @@ def layer_loss(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> f
 def gptq_codes(w: torch.Tensor, scale_full: torch.Tensor, qmax: int, hessian: torch.Tensor,
                config: GPTQConfig = GPTQConfig()) -> torch.Tensor:
     """Codes [R, C] (int8) for weights w [R, C] on the fixed grid scale_full [R, C] (each weight's scale)."""
-    w = w.double().clone()
-    h = hessian.double().clone()
-    scale = scale_full.double()
+    w = w.to(config.device, torch.float64, copy=True)
+    h = hessian.to(config.device, torch.float64, copy=True)
+    scale = scale_full.to(config.device, torch.float64)
     cols = w.shape[1]
     dead = torch.diag(h) == 0          # inputs that are always zero: any code works, choose 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if config.act_order else torch.arange(cols)
+    perm = (torch.argsort(torch.diag(h), descending=True, stable=True) if config.act_order
+            else torch.arange(cols, device=h.device))
     w, h, scale = w[:, perm], h[perm][:, perm], scale[:, perm]
-    h += config.damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
+    h += config.damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype, device=h.device)
     # The upper Cholesky factor of H⁻¹ holds, row by row, how an error in one column is best compensated by the next.
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros_like(w)
@@ -58,7 +60,7 @@ def gptq_codes(w: torch.Tensor, scale_full: torch.Tensor, qmax: int, hessian: to
             block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
             errors[:, i] = err
         w[:, b:] -= errors @ h_inv[a:b, b:]
-    return codes[:, torch.argsort(perm)].to(torch.int8)
+    return codes[:, torch.argsort(perm)].to("cpu", torch.int8)
 
 
 def refine(e, hessian: torch.Tensor, config: GPTQConfig):

@@ -8,6 +8,9 @@ The checkpoint's weights and the artifact's weights, decoded by the emitted tiny
 same model (models.py) and scored on the same windows of the validation stream (windows.py, eval.py), with bytes
 counted as the challenge counts them (bpb.py). Under torchrun every rank scores a slice and the sums are combined
 (dist.py); every rank returns the same result.
+
+verify() writes no files. `squeeze verify` writes record.document(result) beside the artifact (ARTIFACT.verify.json),
+where `squeeze inspect` finds it (record.py).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,8 @@ from ..errors import SqueezeError
 from . import dist, models
 from .bpb import byte_table, load_tokenizer
 from .eval import Score, pick_device, precision, score
-from .stream import load_stream
+from .record import sha256_of
+from .stream import load_stream, shard_paths
 from .weights import check_same_tensors, decode_with_shipped_decoder
 from .windows import plan_windows
 
@@ -37,6 +41,10 @@ class VerifyResult:
     device: str
     precision: str
     world_size: int
+    artifact_sha256: str = ""   # of the bytes verified, so a report can tell a later artifact at the same path
+    val_files: tuple = ()       # the shards `val` matched
+    max_tokens: int | None = None
+    tokenizer: str = ""
 
     @property
     def drift_loss(self) -> float:
@@ -59,11 +67,12 @@ class VerifyResult:
             "original": self.original.to_dict(),
             "decoded": self.decoded.to_dict(),
             "drift": {"val_loss": self.drift_loss, "val_bpb": self.drift_bpb},
-            "artifact": {"path": self.artifact, "bytes": self.artifact_bytes, "params": self.params,
-                         "bits_per_param": self.bits_per_param},
-            "settings": {"checkpoint": self.checkpoint, "val": self.val, "model": self.model, "seq_len": self.seq_len,
-                         "stride": self.stride, "device": self.device, "precision": self.precision,
-                         "world_size": self.world_size},
+            "artifact": {"path": self.artifact, "sha256": self.artifact_sha256, "bytes": self.artifact_bytes,
+                         "params": self.params, "bits_per_param": self.bits_per_param},
+            "settings": {"checkpoint": self.checkpoint, "val": self.val, "val_files": list(self.val_files),
+                         "tokenizer": self.tokenizer, "model": self.model, "seq_len": self.seq_len,
+                         "stride": self.stride, "max_tokens": self.max_tokens, "device": self.device,
+                         "precision": self.precision, "world_size": self.world_size},
         }
 
 
@@ -95,6 +104,7 @@ def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUI
         config, config_source = models.load_model_config(model_config), str(model_config)
     build = models.resolve(model, config, config_source)
     decoded_weights = decode_with_shipped_decoder(artifact)
+    blob = Path(artifact).read_bytes()  # readable: it was just decoded
 
     def run(weights: dict, source: str, label: str) -> Score:
         net = build(weights, source).to(torch_device).eval()
@@ -112,10 +122,11 @@ def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUI
     finally:
         dist.stop(created)
     return VerifyResult(
-        original=original, decoded=decoded, artifact=str(artifact), artifact_bytes=Path(artifact).stat().st_size,
+        original=original, decoded=decoded, artifact=str(artifact), artifact_bytes=len(blob),
         params=sum(t.numel() for t in original_weights.values()), checkpoint=str(checkpoint), val=val, model=model,
         seq_len=seq_len, stride=stride, device=str(torch_device), precision=precision(torch_device),
-        world_size=procs.world_size)
+        world_size=procs.world_size, artifact_sha256=sha256_of(blob), val_files=tuple(shard_paths(val)),
+        max_tokens=max_tokens, tokenizer=str(tokenizer))
 
 
 __all__ = ["verify", "VerifyResult", "Score"]
