@@ -134,6 +134,8 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
     pool = sum(o[0].bytes for o in options.values())
     for round_no in range(1, max_rounds + 1):
         state = pipeline.run(dataclasses.replace(start, allocation_pool=pool), log=log)
+        if round_no > 1:  # the prediction is header meta, so it is in the bytes the budget counts
+            state = dataclasses.replace(state, predicted_loss=allocate.predicted_loss(state))
         blob = _write(state)
         if round_no == 1:
             if len(blob) > target:

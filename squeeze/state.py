@@ -76,7 +76,7 @@ class State:
     allocation_pool: int | None = None  # bytes the allocate pass may spend on the tensors it decides (budget mode)
     allocation_options: dict = field(default_factory=dict)  # name -> hull of Options, computed once per budget
     allocated_bytes: float = 0.0        # the allocate pass's estimate of what it spent
-    predicted_loss: float | None = None  # the allocate pass's predicted loss increase (nats/token, calibration data)
+    predicted_loss: float | None = None  # predicted loss increase of a budget compile (allocate.predicted_loss)
     device: str = "cpu"                 # where passes that can use an accelerator compute (GPTQ)
     sections: tuple = ()
     log: tuple = ()

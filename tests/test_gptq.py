@@ -112,3 +112,16 @@ def test_cli_compiles_with_calibration_shards(tmp_path):
                                        "256", "-v"])
     assert result.exit_code == 0, result.output
     assert "calibration: 1,024 tokens of" in result.output and out.stat().st_size > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gptq_on_cuda_matches_the_cpu(fixture_small, self_calibration):
+    """--device cuda moves GPTQ's float64 work to the GPU: the same codes but for rare rounding ties."""
+    name = next(k for k in self_calibration.hessians if k in fixture_small)
+    w = fixture_small[name].float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / 7).expand_as(w)
+    h = self_calibration.hessians[name]
+    cpu = gptq.gptq_codes(w, scale, 7, h, gptq.GPTQConfig())
+    gpu = gptq.gptq_codes(w, scale, 7, h, gptq.GPTQConfig(device="cuda"))
+    assert gpu.device.type == "cpu" and gpu.dtype == torch.int8
+    assert (cpu != gpu).float().mean() < 1e-3

@@ -9,9 +9,10 @@ entropy coding the step, not b, sets the rate — gives, from an actual round-to
            column's squared error is weighted by its share of diag(H) (the layer's input Hessian; uniform without
            one): white noise of variance v scores v, as in the probe, and an error the inputs never excite scores 0.
 Refinements of the grids on that hull add candidates: the same width and clip with one scale per `group` elements
-of a row instead of per row (a finer clip where a row's parts differ, for more scale bytes); a rank-r correction
-(passes/lowrank.py), which adds r·(R + C) f16 values and removes the r largest weighted singular values of the error;
-and keeping the tensor in f16 (bytes: the order-0 entropy of its two byte planes; ΔL: that of the f16 rounding).
+of a row instead of per row (a finer clip where a row's parts differ, for more scale bytes); keeping the tensor in
+f16 (bytes: the order-0 entropy of its two byte planes; ΔL: that of the f16 rounding); and, when the config asks for
+them, rank-r corrections (passes/lowrank.py), which add r·(R + C) f16 values and remove the r largest weighted
+singular values of the error.
 Only each tensor's lower convex hull of (bytes, ΔL) can be optimal. Starting from its cheapest point everywhere,
 the pass repeatedly moves the tensor whose next hull point buys the most loss per byte while the pool lasts
 (marginal analysis: the greedy form of reverse water-filling). compile's budget loop (squeeze/compiler.py:
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import quant
+from ..dtypes import torch_dtype
 from ..calibrate import PROBE_NOISE
 from ..codecs import rans
 from ..errors import SqueezeError
@@ -36,7 +38,10 @@ from . import lowrank
 class AllocateConfig:
     bits_choices: tuple = (2, 3, 4, 5, 6, 7, 8)
     clip_k_choices: tuple = (2.5, 3.5, 5.0, 7.0, 10.0, 14.0)
-    lowrank_ranks: tuple = (4, 8, 16, 32)   # () turns low-rank corrections off
+    # Low-rank corrections are off by default: their candidates are predicted from the round-to-nearest error, whose
+    # top directions GPTQ has already largely removed, so the allocator overpays for them (measured: at equal bytes
+    # the drift doubled on the 6.6M-param checkpoint; BENCHMARKS.md). (4, 8, 16, 32) turns them on.
+    lowrank_ranks: tuple = ()
     group_choices: tuple = (128,)           # scale groups tried besides one scale per row; () for rows only
     float_option: bool = True               # may a tensor stay f16
 
@@ -142,6 +147,31 @@ def allocate(options: dict, pool_bytes: float) -> dict:
     return {name: options[name][i] for name, i in choice.items()}
 
 
+def predicted_loss(state: State) -> float:
+    """The loss increase the allocated tensors' final codes predict: sensitivity × the output-weighted error
+    tr(E H Eᵀ) / (R·tr H) of what is actually stored (GPTQ's codes, low-rank corrections and all), which scores white
+    noise at its variance as the sensitivity probe does; the plain mean squared error without a Hessian. The options
+    were predicted from round-to-nearest errors, which GPTQ then improves on, so this is the figure to compare with
+    what verify measures."""
+    total = 0.0
+    for e in state.entries:
+        if e.plan is None or not e.plan.reason.startswith("budget") or e.name not in state.sensitivities:
+            continue
+        w = quant.as_matrix(e.tensor)
+        if e.plan.scheme == "float":
+            w_hat = quant.as_matrix(e.tensor.to(torch_dtype(e.plan.store)))
+        else:
+            w_hat = quant.dequantize(e.codes, e.scales, e.plan.quant.group, torch.float32, w.shape, e.lowrank)
+        h = state.hessians.get(e.name)
+        delta = (w - w_hat).double()
+        if h is None:
+            total += state.sensitivities[e.name] * float(delta.square().mean())
+        else:
+            total += state.sensitivities[e.name] * float(((delta @ h.double()) * delta).sum()) / (
+                w.shape[0] * float(torch.trace(h.double())))
+    return total
+
+
 def allocatable(state: State) -> list:
     """Entries the budget decides: quantized by the recipe's defaults (no [[rules]] entry matched them)."""
     return [e for e in state.entries
@@ -174,5 +204,4 @@ def run(state: State, config: AllocateConfig = AllocateConfig()) -> State:
         if e.name in chosen:
             e = dataclasses.replace(e, plan=plan_of(e.plan, chosen[e.name]))
         out.append(e)
-    return dataclasses.replace(state, entries=tuple(out), allocated_bytes=sum(o.bytes for o in chosen.values()),
-                               predicted_loss=sum(o.loss for o in chosen.values()))
+    return dataclasses.replace(state, entries=tuple(out), allocated_bytes=sum(o.bytes for o in chosen.values()))
