@@ -119,14 +119,15 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
     """
     target = budget_bytes - code_bytes
     base = State(entries=entries_from_state_dict(state_dict), recipe=recipe, hessians=hessians or {},
-                 sensitivities=sensitivities)
+                 sensitivities=sensitivities, device=device)
     for name, fn, config in pipeline.passes_for(recipe)[:3]:  # tie, classify, plan: what allocate needs
         base = fn(base, config)
     missing = [e.name for e in allocate.allocatable(base) if e.name not in sensitivities]
     if missing:
         raise SqueezeError(f"{missing[0]}: no sensitivity measured; a budget needs calibration (--calib or "
                            f"--calib-self)")
-    options = {e.name: allocate.options_for(e, sensitivities[e.name], allocate_config, base.hessians.get(e.name))
+    options = {e.name: allocate.options_for(e, sensitivities[e.name], allocate_config, base.hessians.get(e.name),
+                                            allocate.gptq_config_for(base, e))
                for e in allocate.allocatable(base)}
     start = State(entries=base.entries, recipe=recipe, hessians=base.hessians, sensitivities=sensitivities,
                   allocation_options=options, device=device)

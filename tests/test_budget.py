@@ -10,6 +10,7 @@ from squeeze import calibrate, compiler
 from squeeze.data import read_shard
 from squeeze.errors import SqueezeError
 from squeeze.models.pgolf import GPT
+from squeeze.passes import allocate as allocate_module, gptq
 from squeeze.passes.allocate import Option, allocate, lower_hull
 from squeeze.recipe import parse
 
@@ -104,3 +105,21 @@ def test_cli_budget(tmp_path):
     assert out.stat().st_size + 5000 <= 1_900_000
     result = CliRunner().invoke(main, ["compile", str(CKPT), "-o", str(out), "--budget", "1900000"])
     assert result.exit_code == 2 and "--budget needs calibration" in result.output
+
+
+def test_gptq_tensors_are_priced_on_gptq_codes(fixture_sd, calibration):
+    """Where the gptq pass will refine a tensor, the allocator scores each grid on the codes GPTQ gives it: lower
+    predicted loss than round-to-nearest's on the same grid, and the header's prediction of a budget compile is
+    sensitivity x the output error of what is stored."""
+    name = "blocks.1.mlp.fc.weight"
+    entry = compiler.compile_state_dict({name: fixture_sd[name]}, RECIPE).state.entry(name)
+    h, sens = calibration.hessians[name], calibration.sensitivities[name]
+    rtn = allocate_module.options_for(entry, sens, allocate_module.AllocateConfig(), h)
+    with_gptq = allocate_module.options_for(entry, sens, allocate_module.AllocateConfig(), h, gptq.GPTQConfig())
+    rtn_by_grid = {(o.bits, o.clip_k, o.group): o for o in rtn}
+    shared = [o for o in with_gptq if (o.bits, o.clip_k, o.group) in rtn_by_grid and not o.keep_float]
+    assert shared and all(o.loss < rtn_by_grid[(o.bits, o.clip_k, o.group)].loss for o in shared)
+    result = compiler.compile_to_budget(fixture_sd, RECIPE, 800_000, sensitivities=calibration.sensitivities,
+                                        hessians=calibration.hessians)
+    predicted = float(squeeze.format.read(result.blob).header["meta"]["predicted_loss_increase"])
+    assert predicted == pytest.approx(allocate_module.predicted_loss(result.state), rel=1e-3) and predicted > 0

@@ -23,7 +23,9 @@ def _key(dtype: str, shape, data: bytes):
 
 def run(state: State, config: TieConfig = TieConfig()) -> State:
     by_storage = {}     # (data_ptr, offset, shape, stride, dtype) -> name
-    by_bytes = {}       # (dtype, shape, digest) -> (name, bytes)
+    # (dtype, shape, digest) -> (name, tensor): the bytes are re-made on a digest hit (rare) rather than kept for every
+    # tensor, which would hold a second copy of the checkpoint for the whole compile
+    by_bytes = {}
     out = []
     for e in state.entries:
         t = e.tensor
@@ -33,12 +35,12 @@ def run(state: State, config: TieConfig = TieConfig()) -> State:
         if target is None and config.identical:
             data = tensor_to_bytes(t)
             hit = by_bytes.get(_key(e.dtype, e.shape, data))
-            if hit is not None and hit[1] == data:
+            if hit is not None and tensor_to_bytes(hit[1]) == data:
                 target = hit[0]
             elif config.transposed and t.dim() == 2:
                 t_data = tensor_to_bytes(t.t())
                 hit = by_bytes.get(_key(e.dtype, (e.shape[1], e.shape[0]), t_data))
-                if hit is not None and hit[1] == t_data:
+                if hit is not None and tensor_to_bytes(hit[1]) == t_data:
                     target, transposed = hit[0], True
         if target is not None:
             out.append(dataclasses.replace(e, tensor=None, alias_of=target, transposed=transposed))
@@ -46,6 +48,6 @@ def run(state: State, config: TieConfig = TieConfig()) -> State:
         if t.numel():
             by_storage[storage_key] = e.name
         if config.identical:
-            by_bytes.setdefault(_key(e.dtype, e.shape, data), (e.name, data))
+            by_bytes.setdefault(_key(e.dtype, e.shape, data), (e.name, t))
         out.append(e)
     return dataclasses.replace(state, entries=tuple(out))
