@@ -123,3 +123,16 @@ def test_gptq_tensors_are_priced_on_gptq_codes(fixture_sd, calibration):
                                         hessians=calibration.hessians)
     predicted = float(squeeze.format.read(result.blob).header["meta"]["predicted_loss_increase"])
     assert predicted == pytest.approx(allocate_module.predicted_loss(result.state), rel=1e-3) and predicted > 0
+
+
+def test_budget_compile_of_a_checkpoint_with_identical_tensors(fixture_sd, calibration):
+    """Untrained control tensors are often bit-identical (all ones); the tie pass aliases them before the budget
+    rounds, and the rounds' own pipeline runs must take the aliases as they are."""
+    sd = dict(fixture_sd)
+    sd["blocks.0.attn_scale"] = torch.ones_like(sd["blocks.0.attn_scale"])
+    sd["blocks.0.mlp_scale"] = torch.ones_like(sd["blocks.0.mlp_scale"])
+    result = compiler.compile_to_budget(sd, RECIPE, 900_000, sensitivities=calibration.sensitivities,
+                                        hessians=calibration.hessians)
+    assert len(result.blob) <= 900_000
+    assert result.state.entry("blocks.0.mlp_scale").alias_of == "blocks.0.attn_scale"
+    assert torch.equal(squeeze.load(result.blob)["blocks.0.mlp_scale"], sd["blocks.0.mlp_scale"])

@@ -28,6 +28,9 @@ def run(state: State, config: TieConfig = TieConfig()) -> State:
     by_bytes = {}
     out = []
     for e in state.entries:
+        if e.alias_of is not None:  # tied by an earlier run (compile_to_budget ties once, then runs the pipeline)
+            out.append(e)
+            continue
         t = e.tensor
         storage_key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         target, transposed = by_storage.get(storage_key) if t.numel() else None, False
