@@ -37,7 +37,7 @@ class TensorEntry:
     scales: torch.Tensor | None = None
     lowrank: tuple | None = None            # (U [R, r], V [r, C]) in f16, set by `lowrank`
     note: str = ""                          # what a refining pass did (e.g. gptq's calibration-loss gain)
-    parts: tuple = ()                       # ((kind, bytes), ...), set by `pack`; kinds: data | codes | scales | lowrank
+    parts: tuple = ()                       # ((kind, bytes), ...), set by `pack`; kind: data|codes|scales|lowrank
 
     @property
     def numel(self) -> int:

@@ -103,8 +103,8 @@ INT3 = ('[defaults]\nbits = 3\nclip = "std"\nclip_std_k = 4.0\ncodec = "rans"\nl
 @pytest.fixture(scope="module")
 def int3_pair(fixture_sd, calibration):
     """The fixture at int3 + GPTQ, without and with rank-16 corrections."""
-    return [squeeze.compile_state_dict(fixture_sd, parse(INT3.format(rank=r), "int3.toml"), hessians=calibration.hessians)
-            for r in (0, 16)]
+    return [squeeze.compile_state_dict(fixture_sd, parse(INT3.format(rank=r), "int3.toml"),
+                                       hessians=calibration.hessians) for r in (0, 16)]
 
 
 def test_correction_lowers_every_layer_loss_and_the_held_out_loss(int3_pair, calibration):

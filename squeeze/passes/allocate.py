@@ -104,8 +104,7 @@ def options_for(e, sensitivity: float, config: AllocateConfig, hessian: torch.Te
         return dataclasses.replace(o, bytes=size, loss=output_loss(error))
 
     def output_loss(error: torch.Tensor) -> float:  # as predicted_loss() scores the stored codes
-        delta = error.double()
-        return sensitivity * float(((delta @ hessian.double()) * delta).sum()) / (rows * trace)
+        return sensitivity * output_error(error, hessian)
 
     points = [o for bits in config.bits_choices for k in config.clip_k_choices if (o := grid(bits, k, 0))]
     if not points:
@@ -113,7 +112,7 @@ def options_for(e, sensitivity: float, config: AllocateConfig, hessian: torch.Te
     for o in lower_hull(points):
         points += [p for g in config.group_choices if 0 < g < cols and (p := grid(o.bits, o.clip_k, g))]
     hull = lower_hull(points)
-    if gptq_config is not None and hessian is not None and (trace := float(torch.trace(hessian.double()))) > 0:
+    if gptq_config is not None and hessian is not None and float(torch.trace(hessian)) > 0:
         hull = lower_hull([with_gptq(o) for o in hull])
         points = list(hull)
     ranks = [r for r in config.lowrank_ranks if r < min(rows, cols)]
@@ -121,8 +120,8 @@ def options_for(e, sensitivity: float, config: AllocateConfig, hessian: torch.Te
         energy = lowrank.weighted_svd(errors[(o.bits, o.clip_k, o.group)], s)[1].square()
         left = energy.flip(0).cumsum(0).flip(0)  # left[r]: weighted error energy beyond the top r directions
         # the share of the error a rank-r correction leaves, applied to the option's own loss
-        points += [dataclasses.replace(o, bytes=o.bytes + 2 * r * (rows + cols), loss=o.loss * float(left[r] / left[0]),
-                                       rank=r) for r in ranks]
+        points += [dataclasses.replace(o, bytes=o.bytes + 2 * r * (rows + cols),
+                                       loss=o.loss * float(left[r] / left[0]), rank=r) for r in ranks]
     half = e.tensor.detach().to(torch.float16)
     if config.float_option and torch.isfinite(half).all():
         planes = half.reshape(-1).view(torch.uint8).reshape(-1, 2).numpy()
@@ -191,14 +190,17 @@ def predicted_loss(state: State) -> float:
             w_hat = quant.as_matrix(e.tensor.to(torch_dtype(e.plan.store)))
         else:
             w_hat = quant.dequantize(e.codes, e.scales, e.plan.quant.group, torch.float32, w.shape, e.lowrank)
-        h = state.hessians.get(e.name)
-        delta = (w - w_hat).double()
-        if h is None:
-            total += state.sensitivities[e.name] * float(delta.square().mean())
-        else:
-            total += state.sensitivities[e.name] * float(((delta @ h.double()) * delta).sum()) / (
-                w.shape[0] * float(torch.trace(h.double())))
+        total += state.sensitivities[e.name] * output_error(w - w_hat, state.hessians.get(e.name))
     return total
+
+
+def output_error(error: torch.Tensor, hessian: torch.Tensor | None) -> float:
+    """tr(E H Eᵀ) / (R·tr H): the layer's output error normalised so that white noise of variance v scores v (the
+    sensitivity probe's unit); the mean squared error without a Hessian."""
+    delta = error.double()
+    if hessian is None:
+        return float(delta.square().mean())
+    return float(((delta @ hessian.double()) * delta).sum()) / (delta.shape[0] * float(torch.trace(hessian.double())))
 
 
 def gptq_config_for(state: State, e) -> gptq.GPTQConfig | None:
@@ -234,8 +236,8 @@ def run(state: State, config: AllocateConfig = AllocateConfig()) -> State:
         raise SqueezeError(f"{missing[0]}: no sensitivity measured; a budget needs calibration (--calib or "
                            f"--calib-self)")
     options = {e.name: state.allocation_options.get(e.name) or
-               options_for(e, state.sensitivities[e.name], config, state.hessians.get(e.name), gptq_config_for(state, e))
-               for e in entries}
+               options_for(e, state.sensitivities[e.name], config, state.hessians.get(e.name),
+                           gptq_config_for(state, e)) for e in entries}
     chosen = allocate(options, state.allocation_pool)
     out = []
     for e in state.entries:
