@@ -36,6 +36,7 @@ STORAGE_FORMS = ("alias", "data", "q")
 PART_KINDS = ("data", "codes", "scales", "lowrank")
 PARTS_OF_FORM = {"alias": (), "data": ("data",), "q": ("codes", "scales", "lowrank")}
 LOWRANK_KEYS = ("rank", "ldtype")  # in "q", present exactly when the tensor has a "lowrank" part (1.2)
+MAX_RANK = 256  # reconstruction costs rank·R·C operations: the bound keeps a hostile file from costing hours
 
 
 def crc32(data: bytes) -> int:
@@ -402,7 +403,7 @@ def _check_quant_fields(t: dict, what: str):
 
 
 def _check_lowrank_fields(t: dict, q: dict, what: str):
-    """rank, ldtype and the lowrank part come together; 1 <= rank <= min(R, C)."""
+    """rank, ldtype and the lowrank part come together; 1 <= rank <= min(R, C, MAX_RANK)."""
     present = [k in q for k in LOWRANK_KEYS] + ["lowrank" in t]
     if any(present) and not all(present):
         raise FormatError(f"{what}: a low-rank correction needs 'rank' and 'ldtype' in q and a 'lowrank' part, "
@@ -410,8 +411,9 @@ def _check_lowrank_fields(t: dict, q: dict, what: str):
     if not any(present):
         return
     rows, cols = matrix_shape(t["shape"])
-    if not _is_int(q["rank"], 1, max(1, min(rows, cols))):
-        raise _bad_field(what, q, "rank", f"an integer in 1..{max(1, min(rows, cols))} (the smaller side)")
+    top = max(1, min(rows, cols, MAX_RANK))
+    if not _is_int(q["rank"], 1, top):
+        raise _bad_field(what, q, "rank", f"an integer in 1..{top} (at most the smaller side and {MAX_RANK})")
     _require_choice(what, q, "ldtype", SCALE_DTYPES)
 
 

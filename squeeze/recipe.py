@@ -208,8 +208,8 @@ def _check_setting(chk: _Checker, table: str, key: str, value, index: int = 0):
         bad("clip_std_k must be a positive, finite number")
     if key == "scale_min" and not 0 <= value < float("inf"):
         bad("scale_min must be a finite number >= 0")
-    if key == "lowrank_rank" and not 0 <= value <= 4096:
-        bad("lowrank_rank must be 0 (none) .. 4096")
+    if key == "lowrank_rank" and not 0 <= value <= 256:
+        bad("lowrank_rank must be 0 (none) .. 256 (the format's bound)")
     if key == "mse_grid" and not 1 <= value <= 1024:
         bad("mse_grid must be 1..1024")
     if key == "scale_dtype":

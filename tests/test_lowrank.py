@@ -65,6 +65,8 @@ def test_a_correction_in_a_1_1_file_is_refused():
     (lambda h: h["tensors"][0].pop("lowrank"), "needs 'rank' and 'ldtype' in q and a 'lowrank' part"),
     (lambda h: h["tensors"][0]["q"].update(rank=3), "'rank' must be an integer in 1..2"),
     (lambda h: h["tensors"][0]["q"].update(rank="1"), "'rank' must be an integer in 1..2"),
+    (lambda h: (h["tensors"][0].update(shape=[300, 300]), h["tensors"][0]["q"].update(rank=257)),
+     "'rank' must be an integer in 1..256"),
     (lambda h: h["tensors"][0]["q"].update(ldtype="i8"), "'ldtype' must be one of f16, bf16, f32"),
     (lambda h: h["tensors"][0].update(lowrank=[2, 0, 6]), "lowrank is 6 bytes, its shape and scheme imply 8"),
 ])
