@@ -104,7 +104,7 @@ def options_for(e, sensitivity: float, config: AllocateConfig, hessian: torch.Te
         return dataclasses.replace(o, bytes=size, loss=output_loss(error))
 
     def output_loss(error: torch.Tensor) -> float:  # as predicted_loss() scores the stored codes
-        return sensitivity * output_error(error, hessian)
+        return sensitivity * lowrank.output_error(error, hessian)
 
     points = [o for bits in config.bits_choices for k in config.clip_k_choices if (o := grid(bits, k, 0))]
     if not points:
@@ -190,17 +190,8 @@ def predicted_loss(state: State) -> float:
             w_hat = quant.as_matrix(e.tensor.to(torch_dtype(e.plan.store)))
         else:
             w_hat = quant.dequantize(e.codes, e.scales, e.plan.quant.group, torch.float32, w.shape, e.lowrank)
-        total += state.sensitivities[e.name] * output_error(w - w_hat, state.hessians.get(e.name))
+        total += state.sensitivities[e.name] * lowrank.output_error(w - w_hat, state.hessians.get(e.name))
     return total
-
-
-def output_error(error: torch.Tensor, hessian: torch.Tensor | None) -> float:
-    """tr(E H Eᵀ) / (R·tr H): the layer's output error normalised so that white noise of variance v scores v (the
-    sensitivity probe's unit); the mean squared error without a Hessian."""
-    delta = error.double()
-    if hessian is None:
-        return float(delta.square().mean())
-    return float(((delta @ hessian.double()) * delta).sum()) / (delta.shape[0] * float(torch.trace(hessian.double())))
 
 
 def gptq_config_for(state: State, e) -> gptq.GPTQConfig | None:

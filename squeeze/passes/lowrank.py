@@ -48,12 +48,14 @@ def factors(svd, s: torch.Tensor, rank: int) -> tuple:
     return (p[:, :rank] * root).to(LOWRANK_DTYPE), ((root[:, None] * qt[:rank]) / s[None, :]).to(LOWRANK_DTYPE)
 
 
-def output_error(delta: torch.Tensor, hessian: torch.Tensor | None) -> float:
-    """tr(ΔW H ΔWᵀ) with a Hessian (the layer loss, as passes/gptq.py), else Σ ΔW²."""
-    delta = delta.double()
+def output_error(error: torch.Tensor, hessian: torch.Tensor | None) -> float:
+    """tr(E H Eᵀ) / (R·tr H): the layer's output error (passes/gptq.py's layer loss) normalised so that white noise
+    of variance v scores v, the sensitivity probe's unit (the allocator prices candidates in it); the mean squared
+    error without a Hessian."""
+    delta = error.double()
     if hessian is None:
-        return float(delta.square().sum())
-    return float(((delta @ hessian.double()) * delta).sum())
+        return float(delta.square().mean())
+    return float(((delta @ hessian.double()) * delta).sum()) / (delta.shape[0] * float(torch.trace(hessian.double())))
 
 
 def correct(e, hessian: torch.Tensor | None, config: LowRankConfig):
