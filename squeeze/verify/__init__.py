@@ -77,12 +77,15 @@ class VerifyResult:
 
 
 def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUILTIN, model_config=None,
-           seq_len: int = 1024, stride: int | None = None, max_tokens: int | None = None, batch_size: int = 32,
-           device: str | None = None, progress: bool = False) -> VerifyResult:
+           forward: str | None = None, seq_len: int = 1024, stride: int | None = None,
+           max_tokens: int | None = None, batch_size: int = 32, device: str | None = None,
+           progress: bool = False) -> VerifyResult:
     """Score the checkpoint's weights and the artifact's decoded weights on the validation shards matching `val`.
 
     model: "pgolf" or "FILE.py:NAME" / "package.module:NAME" (contract in squeeze/verify/models.py).
     model_config: a dict, or the path of a JSON file (see models.load_model_config).
+    forward: the model's method that returns logits (default: forward_logits when it has one, else forward; see
+    models.logits_fn).
     seq_len, stride: windows (squeeze/verify/windows.py); max_tokens: score at most this many predictions, from the
     start of the stream. batch_size: windows per forward pass. device: default CUDA when available, else CPU.
     progress: a progress bar on stderr (rank 0 only, and only when stderr is a terminal).
@@ -108,11 +111,12 @@ def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUI
 
     def run(weights: dict, source: str, label: str) -> Score:
         net = build(weights, source).to(torch_device).eval()
-        vocab = models.vocab_of(net, torch_device, model)
+        logits = models.logits_fn(net, forward, model)
+        vocab = models.vocab_of(logits, torch_device, model)
         if vocab != table.vocab_size:
             raise SqueezeError(f"{tokenizer}: vocabulary of {table.vocab_size} tokens, but the model predicts "
                                f"{vocab}")
-        return score(net, stream, table, plan, batch_size=batch_size, device=torch_device, procs=procs,
+        return score(logits, stream, table, plan, batch_size=batch_size, device=torch_device, procs=procs,
                      progress_label=label if progress and procs.is_main else None)
 
     created = dist.start(procs, torch_device)

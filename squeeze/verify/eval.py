@@ -67,7 +67,8 @@ def _autocast(device: torch.device):
 def score(model: torch.nn.Module, stream: torch.Tensor, table: ByteTable, plan: WindowPlan, *,
           batch_size: int = 32, device: torch.device = torch.device("cpu"), procs: dist.Processes = dist.Processes(),
           progress_label: str | None = None) -> Score:
-    """Score `model` (on `device`, in eval mode) over the plan's windows of `stream`.
+    """Score `model` (on `device`, in eval mode; a module called as model(ids), or models.logits_fn's callable)
+    over the plan's windows of `stream`.
 
     Windows are grouped into batches of `batch_size` in plan order and each rank scores a contiguous run of those
     batches. Per-batch sums (float64 loss, exact integer counts) go into one vector that is summed across ranks and
