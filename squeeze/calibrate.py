@@ -1,27 +1,33 @@
-"""Calibration: each linear layer's input Hessian H = E[x xᵀ], from the model run on calibration tokens.
+"""Calibration: the input Hessian H = E[x xᵀ] of every matrix the model multiplies by, from the model run on
+calibration tokens.
 
 GPTQ (squeeze/passes/gptq.py) needs to know which directions of a layer's input space real inputs use. Two sources:
 token shards (`--calib 'train_*.bin'`: training data, never the validation set, which would leak into the score) or
 sequences the model samples itself (`--calib-self N`: no data needed, what some Parameter Golf records do).
 
-The model comes from the same loader verify uses (squeeze/verify/models.py), so a user's own architecture works as
-long as its matrices are the weights of nn.Linear modules (their `.weight` names are the Hessians' keys).
+The model comes from the same loader verify uses (squeeze/verify/models.py). Any architecture works: squeeze/operands.py
+finds every product whose weight is a parameter or a slice of one (nn.Linear, a tied head's F.linear, `bank[i]` of a
+3-D parameter bank, x @ W.T), keyed by the checkpoint's names (`bank[i]` for slices), and records why a parameter
+that never met a product in a usable way got none (`Calibration.skipped`).
 """
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from . import operands
 from .errors import SqueezeError
 
 
 @dataclass(frozen=True)
 class Calibration:
-    hessians: dict          # parameter name ("blocks.0.attn.c_q.weight") -> float64 [in, in], mean of x xᵀ
+    hessians: dict          # parameter or slice name ("blocks.0.attn.c_q.weight", "qo_bank[3]") -> float64 [in, in]
     sensitivities: dict     # parameter name -> loss increase per unit mean squared error (empty unless asked)
     sequences: int
     tokens: int
     source: str             # what the tokens were, for the log
+    skipped: dict = field(default_factory=dict)  # parameter name -> why no product gave it a Hessian (operands.py)
 
 
 def windows_of(stream: torch.Tensor, seq_len: int, n_tokens: int) -> torch.Tensor:
@@ -46,49 +52,104 @@ def sample_sequences(model: nn.Module, n: int, seq_len: int, vocab: int, bos: in
     return seqs
 
 
+def checkpoint_parameters(model: nn.Module, names=None) -> dict:
+    """{checkpoint name: the model's tensor} for every parameter (and buffer) of `model`.
+
+    The model's own names are used where `names` (the checkpoint's, e.g. a state dict's keys) has them; a model that
+    wraps the checkpoint's (its names carry a prefix, "model.blocks.0...", or lack one) is matched by the unique name
+    that ends with the other, so Hessians are keyed by what the compiler sees. Tied parameters appear once, under the
+    first name torch gives them."""
+    own = dict(model.named_parameters())
+    own.update((n, b) for n, b in model.named_buffers() if n not in own)
+    if names is None:
+        return own
+    names = list(names)
+    known = set(names)
+    out = {}
+    for n, p in own.items():
+        if n not in known:
+            fits = [k for k in names if n.endswith("." + k) or k.endswith("." + n)]
+            if len(fits) != 1:
+                continue
+            n = fits[0]
+        if n not in out:
+            out[n] = p
+    return out
+
+
 @torch.no_grad()
-def collect_hessians(model: nn.Module, batches, device="cpu") -> dict:
-    """{weight name: mean x xᵀ} over every input row each nn.Linear sees while the model runs on `batches`."""
-    sums, counts, hooks = {}, {}, []
+def collect_hessians(model: nn.Module, batches, device="cpu", forward=None, names=None) -> tuple[dict, dict]:
+    """({key: mean x xᵀ}, {parameter name: why it got no Hessian}) over every row each weight meets while the model
+    runs on `batches`: nn.Linear, F.linear on any parameter (tied heads), slices of N-D parameters (`bank[i]`, key
+    "bank[i]"), x @ W.T. A weight used several times per forward (loops) sums over its uses.
 
-    def hook_for(name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return hook
+    `forward`: the callable that runs the model on a batch (default: the module itself); `names`: the checkpoint's
+    tensor names, which the keys follow (squeeze.calibrate.checkpoint_parameters)."""
+    sums, counts, skipped = {}, {}, {}
 
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_hook(hook_for(f"{name}.weight")))
-    try:
+    def on_rows(key, x):
+        x = x.double()
+        sums[key] = sums[key] + x.T @ x if key in sums else x.T @ x
+        counts[key] = counts.get(key, 0) + x.shape[0]
+
+    def on_skip(name, reason):
+        skipped.setdefault(name, reason)
+
+    run = forward or model
+    tracker = operands.OperandTracker(checkpoint_parameters(model, names), on_rows, on_skip)
+    with tracker:
         for batch in batches:
-            model(batch.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: (sums[name] / counts[name]).cpu() for name in sums}
+            run(batch.to(device))
+    hessians = {key: (sums[key] / counts[key]).cpu() for key in sums}
+    return hessians, skipped
 
 
 def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, device="cpu", source: str = "",
-              sensitivity_names: list = ()) -> Calibration:
-    """Hessians of `model` on token windows `tokens` [n, seq_len]; sensitivities of `sensitivity_names` too."""
+              sensitivity_names: list = (), forward=None, names=None) -> Calibration:
+    """Hessians of `model` on token windows `tokens` [n, seq_len]; sensitivities of `sensitivity_names` too.
+    `forward`: what turns a batch of ids into logits (default: the module); `names`: the checkpoint's tensor names
+    (default: the model's own), which Hessians and sensitivities are keyed by."""
     model = model.to(device).eval()
     batches = [tokens[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
-    hessians = collect_hessians(model, batches, device)
+    hessians, skipped = collect_hessians(model, batches, device, forward=forward, names=names)
     if not hessians:
-        raise SqueezeError("calibration: the model has no nn.Linear layers, so GPTQ has nothing to work on")
+        raise SqueezeError("calibration: the forward multiplied by none of the model's parameters (no nn.Linear, "
+                           "F.linear or matmul on a weight), so GPTQ has nothing to work on")
     probe = tokens[: max(1, min(tokens.shape[0], 16))]  # a fixed batch: the same for every tensor's probe
-    sens = sensitivities(model, probe, list(sensitivity_names), device=device) if sensitivity_names else {}
+    sens = sensitivities(model, probe, list(sensitivity_names), device=device, forward=forward,
+                         checkpoint_names=names) if sensitivity_names else {}
     return Calibration(hessians=hessians, sensitivities=sens, sequences=tokens.shape[0], tokens=tokens.numel(),
-                       source=source)
+                       source=source, skipped={n: r for n, r in skipped.items() if not _has_any(hessians, n)})
+
+
+def _has_any(hessians: dict, name: str) -> bool:
+    """Whether `name` or one of its slices got a Hessian (a skip elsewhere does not undo those)."""
+    return name in hessians or any(k.startswith(name + "[") for k in hessians)
+
+
+def matrix_names(state_dict: dict) -> list:
+    """What a budget needs sensitivities for: every 2-D float tensor, and each matrix slice of an N-D one (the
+    stack pass's naming, squeeze/passes/stack.py)."""
+    from .passes import stack
+
+    out = []
+    for name, t in state_dict.items():
+        if not t.is_floating_point():
+            continue
+        if t.dim() == 2:
+            out.append(name)
+        elif stack.is_stack(t.shape):
+            out.extend(stack.slice_names(name, t.shape))
+    return out
 
 
 def calibration_for(state_dict: dict, *, calib: str | None = None, calib_self: int = 0, model: str = "pgolf",
                     model_config=None, seq_len: int = 1024, n_tokens: int = 131072, batch_size: int = 8,
-                    device: str | None = None, seed: int = 0, with_sensitivities: bool = False) -> Calibration:
+                    device: str | None = None, seed: int = 0, with_sensitivities: bool = False,
+                    forward: str | None = None) -> Calibration:
     """What `squeeze compile --calib/--calib-self` runs: the model (as verify loads it) and its Hessians on
-    ~n_tokens calibration tokens from the shards matching `calib`, or on `calib_self` sequences it samples."""
+    ~n_tokens calibration tokens from the shards matching `calib`, or on `calib_self` sequences it samples.
+    `forward`: the name of the model's method that returns logits (verify's --forward)."""
     from .verify import models
     from .verify.stream import load_stream
 
@@ -98,15 +159,17 @@ def calibration_for(state_dict: dict, *, calib: str | None = None, calib_self: i
         device = "cuda" if torch.cuda.is_available() else "cpu"
     config = models.load_model_config(model_config) if isinstance(model_config, str) else dict(model_config or {})
     net = models.resolve(model, config, "--model-config")(state_dict, "checkpoint").to(device).eval()
-    vocab = models.vocab_of(net, torch.device(device), model)
+    run = models.logits_fn(net, forward, model)
+    vocab = models.vocab_of(run, torch.device(device), model)
     if calib is not None:
         tokens = windows_of(load_stream(calib, vocab, n_tokens), seq_len, n_tokens)
         source = f"{tokens.numel():,} tokens of {calib}"
     else:
-        tokens = sample_sequences(net, calib_self, seq_len, vocab, seed=seed, device=device).cpu()
+        tokens = sample_sequences(run, calib_self, seq_len, vocab, seed=seed, device=device).cpu()
         source = f"{calib_self} sequences of {seq_len} tokens sampled from the model"
-    names = [n for n, t in state_dict.items() if t.dim() == 2] if with_sensitivities else []
-    return calibrate(net, tokens, batch_size=batch_size, device=device, source=source, sensitivity_names=names)
+    names = matrix_names(state_dict) if with_sensitivities else []
+    return calibrate(net, tokens, batch_size=batch_size, device=device, source=source, sensitivity_names=names,
+                     forward=run, names=list(state_dict))
 
 
 PROBE_NOISE = 0.25  # relative std of the probe's noise: about what int3-int4 does to a weight
@@ -114,8 +177,9 @@ PROBE_NOISE = 0.25  # relative std of the probe's noise: about what int3-int4 do
 
 @torch.no_grad()
 def sensitivities(model: nn.Module, tokens: torch.Tensor, names: list, noise: float = PROBE_NOISE,
-                  device="cpu") -> dict:
-    """{parameter name: loss increase per unit of added weight-noise variance}, measured on `tokens` [n, T+1].
+                  device="cpu", forward=None, checkpoint_names=None) -> dict:
+    """{parameter or slice name: loss increase per unit of added weight-noise variance}, measured on `tokens`
+    [n, T+1]. `name[i]` is slice i of an N-D parameter (its leading dims flattened).
 
     Each tensor gets zero-mean Gaussian noise of std noise·std(tensor), added and then subtracted (an antithetic
     pair cancels the first-order term exactly), so ΔL ≈ ½·tr(∇²L)·σ² and a quantization error of mean square m
@@ -125,18 +189,19 @@ def sensitivities(model: nn.Module, tokens: torch.Tensor, names: list, noise: fl
     so no tensor looks free.
     """
     model = model.to(device).eval()
-    params = dict(model.named_parameters())
+    params = checkpoint_parameters(model, checkpoint_names)
+    run = forward or model
     x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
 
     def loss() -> float:
-        logits = model(x)
+        logits = run(x)
         return float(nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
 
     base = loss()
     g = torch.Generator(device="cpu").manual_seed(0)
     out = {}
     for name in names:
-        p = params.get(name)
+        p = _tensor_of(params, name)
         if p is None:
             continue
         sigma = noise * float(p.detach().float().std())
@@ -144,12 +209,23 @@ def sensitivities(model: nn.Module, tokens: torch.Tensor, names: list, noise: fl
             out[name] = 0.0
             continue
         delta = (torch.randn(p.shape, generator=g) * sigma).to(p.device, p.dtype)
-        total = 0.0
+        total, saved = 0.0, p.clone()
         for sign in (1, -1):
             p.add_(sign * delta)
             total += loss() - base
-            p.sub_(sign * delta)
+            p.copy_(saved)  # exactly the trained values again (adding and subtracting can round)
         out[name] = max(total / 2, 0.0) / sigma ** 2  # ΔL per unit of mean squared error of the tensor
     positive = sorted(v for v in out.values() if v > 0)
     floor = 0.01 * positive[len(positive) // 2] if positive else 0.0
     return {name: max(v, floor) for name, v in out.items()}
+
+
+def _tensor_of(params: dict, name: str):
+    """The parameter `name`, or for `bank[i]` a view of slice i of parameter `bank` (in-place edits reach it)."""
+    if name in params:
+        return params[name].data
+    m = re.fullmatch(r"(.+)\[(\d+)\]", name)
+    p = params.get(m.group(1)) if m else None
+    if p is None or p.dim() < 3 or int(m.group(2)) >= p.shape[:-2].numel():
+        return None
+    return p.data.view(-1, *p.shape[-2:])[int(m.group(2))]

@@ -11,7 +11,7 @@ import click
 from . import decoder
 from .calibrate import calibration_for
 from .checkpoint import load_checkpoint
-from .compiler import __version__, compile_state_dict, compile_to_budget
+from .compiler import __version__, compile_state_dict, compile_to_budget, methods_of
 from .errors import SqueezeError
 from .inspect import inspect as inspect_artifact, render
 from .loader import load as load_artifact, read_artifact
@@ -88,6 +88,9 @@ def main():
 @click.option("--model", default="pgolf", show_default=True,
               help="The model calibration runs: pgolf, FILE.py:NAME or package.module:NAME (as verify).")
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None, help="JSON config for --model.")
+@click.option("--forward", default=None, metavar="NAME",
+              help="The model's method that returns logits [batch, seq, vocab] (default: forward_logits if it has "
+                   "one, else forward).")
 @click.option("--device", default=None, help="Calibration and GPTQ device (default: cuda when available).")
 @click.option("--budget", default=None, type=click.IntRange(min=1),
               help="Total bytes (artifact + --code-bytes) never to exceed; the allocator picks each matrix's grid.")
@@ -95,9 +98,12 @@ def main():
               help="Budget as bits per parameter of the checkpoint (instead of --budget).")
 @click.option("--code-bytes", default=0, show_default=True, type=click.IntRange(min=0),
               help="Bytes of your code (train script, decoder) that count against --budget.")
+@click.option("--strict-calib", is_flag=True,
+              help="Fail if a quantized matrix gets no GPTQ for want of a usable calibration Hessian.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report (with each matrix's method).")
 @_friendly
 def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_tokens, calib_seq_len, model,
-            model_config, device, budget, bits_per_param, code_bytes):
+            model_config, forward, device, budget, bits_per_param, code_bytes, strict_calib, as_json):
     """Compile CHECKPOINT (.pt state dict or .safetensors) into an artifact.
 
     With --calib or --calib-self, quantized matrices get GPTQ codes (recipe key method, default "auto").
@@ -119,23 +125,52 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
     if calib is not None or calib_self:
         calibration = calibration_for(state_dict, calib=calib, calib_self=calib_self, model=model,
                                       model_config=model_config, seq_len=calib_seq_len, n_tokens=calib_tokens,
-                                      device=device, with_sensitivities=budget is not None)
+                                      forward=forward, device=device, with_sensitivities=budget is not None)
         hessians = calibration.hessians
         if verbose:
-            click.echo(f"  calibration: {calibration.source}; {len(hessians)} linear layers", err=True)
+            click.echo(f"  calibration: {calibration.source}; Hessians of {len(hessians)} matrices", err=True)
+    elif strict_calib:
+        raise SqueezeError("--strict-calib needs calibration: add --calib 'train_*.bin' or --calib-self N")
+    skips = calibration.skipped if calibration is not None else None
     log = None
     if verbose:
         def log(r):
             click.echo(f"  {r.name:<9} {r.seconds:8.2f} s  {r.bytes_in:>12,} B -> {r.bytes_out:>12,} B", err=True)
     if budget is not None:
         result = compile_to_budget(state_dict, recipe, budget, sensitivities=calibration.sensitivities,
-                                   hessians=hessians, code_bytes=code_bytes, log=log, device=device)
+                                   hessians=hessians, code_bytes=code_bytes, log=log, device=device,
+                                   calibration_skips=skips, strict_calib=strict_calib)
     else:
-        result = compile_state_dict(state_dict, recipe, log=log, hessians=hessians, device=device)
+        result = compile_state_dict(state_dict, recipe, log=log, hessians=hessians, device=device,
+                                    calibration_skips=skips, strict_calib=strict_calib)
     # The written file is re-read and fully decoded before it replaces anything.
     write_atomically(output, result.blob, check=load_artifact)
+    methods = methods_of(result.state)
+    if as_json:
+        click.echo(json.dumps({
+            "output": output, "bytes": len(result.blob), "tensors": len(state_dict), "params": params,
+            "bits_per_param": round(8 * len(result.blob) / max(params, 1), 4), "recipe": recipe.name,
+            "calibration": None if calibration is None else {
+                "source": calibration.source, "hessians": len(hessians), "gptq": _gptq_count(methods),
+                "quantized_matrices": len(methods)},
+            "matrices": methods}, indent=1))
+        return
+    if verbose and calibration is not None:
+        for m in methods:
+            click.echo(f"  {m['name']}: {m['method']}" + (f" ({m['why']})" if m["why"] else ""), err=True)
+    if calibration is not None:
+        fallbacks = [m for m in methods if m["method"] != "gptq"]
+        click.echo(f"gptq: {_gptq_count(methods)} of {len(methods)} quantized matrices" +
+                   (f"; round-to-nearest for {len(fallbacks)}:" if fallbacks else ""))
+        if not verbose:
+            for m in fallbacks:
+                click.echo(f"  {m['name']}: {m['why']}")
     click.echo(f"{output}: {len(result.blob):,} bytes, {len(state_dict)} tensors, {params:,} params, "
                f"{8 * len(result.blob) / max(params, 1):.3f} bits/param (recipe {recipe.name})")
+
+
+def _gptq_count(methods: list) -> int:
+    return sum(m["method"] == "gptq" for m in methods)
 
 
 @main.command()
@@ -165,6 +200,9 @@ def inspect(artifact, as_json, verify_report):
               help="pgolf (the baseline GPT), or your own: FILE.py:NAME or package.module:NAME.")
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None,
               help="JSON object: pgolf config overrides (rope_base, logit_softcap, ...) or your model's config.")
+@click.option("--forward", default=None, metavar="NAME",
+              help="The model's method that returns logits [batch, seq, vocab] (default: forward_logits if it has "
+                   "one, else forward).")
 @click.option("--seq-len", default=1024, show_default=True, type=click.IntRange(min=1), help="Window length.")
 @click.option("--stride", default=None, type=click.IntRange(min=1),
               help="Sliding windows advancing by this many tokens (default: non-overlapping windows).")
@@ -181,8 +219,8 @@ def inspect(artifact, as_json, verify_report):
 @click.option("--no-report", is_flag=True, help="Write no report file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @partial(_friendly, prints_errors=_is_main_rank)
-def verify(artifact, checkpoint, val, tokenizer, model, model_config, seq_len, stride, max_tokens, batch_size,
-           device, max_drift, as_json, report_path, no_report, quiet):
+def verify(artifact, checkpoint, val, tokenizer, model, model_config, forward, seq_len, stride, max_tokens,
+           batch_size, device, max_drift, as_json, report_path, no_report, quiet):
     """Score the --ckpt weights and ARTIFACT's decoded weights on the validation shards: val_loss, val_bpb, drift.
 
     The report (the --json document) is also written to ARTIFACT.verify.json, atomically, where `squeeze inspect`
@@ -194,8 +232,8 @@ def verify(artifact, checkpoint, val, tokenizer, model, model_config, seq_len, s
     if report_path is not None:  # fail before the long measurement, not after it
         _check_report_directory(report_path)
     result = verify_artifact(artifact, checkpoint, val, tokenizer, model=model, model_config=model_config,
-                             seq_len=seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
-                             device=device, progress=not quiet)
+                             forward=forward, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+                             batch_size=batch_size, device=device, progress=not quiet)
     main_rank = _is_main_rank()
     if main_rank:
         report = verify_record.document(result, max_drift)

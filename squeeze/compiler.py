@@ -4,7 +4,7 @@ import dataclasses
 import torch
 
 from . import codecs, format, pipeline
-from .dtypes import code_of, torch_dtype
+from .dtypes import code_of, not_finite, out_of_range
 from .errors import CheckpointError, SqueezeError
 from .passes import allocate
 from .recipe import Recipe
@@ -30,21 +30,22 @@ def entries_from_state_dict(state_dict: dict) -> tuple:
             dtype = code_of(t.dtype)
         except KeyError:
             raise CheckpointError(f"{name}: dtype {t.dtype} is not supported") from None
-        if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
-            bad = (~torch.isfinite(t)).sum().item()
+        if t.is_floating_point() and t.numel() and not_finite(t).any():
+            bad = not_finite(t).sum().item()
             raise CheckpointError(f"{name}: {bad} NaN/Inf value(s); squeeze refuses to compile non-finite weights")
         entries.append(TensorEntry(name=name, dtype=dtype, shape=tuple(t.shape), tensor=t.detach().cpu()))
     return tuple(entries)
 
 
 def check_float_range(state: State):
-    """A tensor kept float in a narrower dtype must fit it: a cast to fp16 turns 1e5 into inf without a word."""
+    """A tensor kept float in a narrower dtype must fit it: a cast to fp16 turns 1e5 into inf without a word, one to
+    fp8 e4m3 into 448."""
     for e in state.stored_entries():
         if e.plan.scheme != "float" or e.plan.store == e.dtype or not e.tensor.numel():
             continue
-        overflow = ~torch.isfinite(e.tensor.to(torch_dtype(e.plan.store)))
+        overflow = out_of_range(e.tensor, e.plan.store)
         if overflow.any():
-            largest = e.tensor[overflow].abs().max().item()
+            largest = e.tensor[overflow].float().abs().max().item()
             raise CheckpointError(
                 f"{e.name}: {int(overflow.sum())} value(s) exceed the range of {e.plan.store} (largest magnitude "
                 f"{largest:.6g}); keep it fp32 with a recipe rule: match = \"{e.name}\", scheme = \"float\", "
@@ -58,28 +59,41 @@ def header_of(state: State) -> dict:
         for tensor, kind, off, n in s.members:
             where[(tensor, kind)] = [i, off, n]
     tensors = []
-    for e in state.entries:
-        t = {"name": e.name, "shape": list(e.shape), "dtype": e.dtype, "role": e.role}
-        if e.alias_of is not None:
-            t.update({"alias": e.alias_of, "t": int(e.transposed)})
-        elif e.plan.scheme == "int":
-            q = e.plan.quant
-            t["q"] = {"bits": q.bits, "group": q.group, "pack": e.plan.pack, "sdtype": q.scale_dtype,
-                      "clip": q.describe_clip()}
-            if e.lowrank is not None:
-                t["q"].update({"rank": e.lowrank[0].shape[1], "ldtype": "f16"})
-            t["codes"], t["scales"] = where[(e.name, "codes")], where[(e.name, "scales")]
-            if e.lowrank is not None:
-                t["lowrank"] = where[(e.name, "lowrank")]
-        else:
-            t.update({"store": e.plan.store, "data": where[(e.name, "data")]})
-        tensors.append(t)
+    for i, e in enumerate(state.entries):
+        tensors.append(_tensor_object(e, where))
+        following = state.entries[i + 1] if i + 1 < len(state.entries) else None
+        if e.stack_of is not None and (following is None or following.stack_of != e.stack_of):
+            # the slices are written first, then the object that stacks them under the checkpoint's name (1.3)
+            slices = [s.name for s in state.entries if s.stack_of == e.stack_of]
+            tensors.append({"name": e.stack_of, "shape": list(e.stack_shape), "dtype": e.dtype, "role": e.role,
+                            "stack": slices})
     sections = [{"name": s.name, "codec": s.codec, "size": len(s.stored), "raw": s.raw_size,
                  "crc": format.crc32(s.stored), "shuffle": s.shuffle} for s in state.sections]
     meta = {"producer": f"squeeze {__version__}", "recipe": state.recipe.name}
     if state.predicted_loss is not None:  # what the budget allocator expects verify to measure (inspect shows both)
         meta["predicted_loss_increase"] = f"{state.predicted_loss:.4g}"
     return {"sections": sections, "tensors": tensors, "meta": meta}
+
+
+def _tensor_object(e: TensorEntry, where: dict) -> dict:
+    """One entry's header object (an alias, a float-stored or a quantized tensor)."""
+    t = {"name": e.name, "shape": list(e.shape), "dtype": e.dtype, "role": e.role}
+    if e.alias_of is not None:
+        t.update({"alias": e.alias_of, "t": int(e.transposed)})
+    elif e.plan.scheme == "int":
+        q = e.plan.quant
+        t["q"] = {"bits": q.bits, "group": q.group, "pack": e.plan.pack, "sdtype": q.scale_dtype,
+                  "clip": q.describe_clip()}
+        if e.method_used == "gptq":  # informational, like clip
+            t["q"]["method"] = "gptq"
+        if e.lowrank is not None:
+            t["q"].update({"rank": e.lowrank[0].shape[1], "ldtype": "f16"})
+        t["codes"], t["scales"] = where[(e.name, "codes")], where[(e.name, "scales")]
+        if e.lowrank is not None:
+            t["lowrank"] = where[(e.name, "lowrank")]
+    else:
+        t.update({"store": e.plan.store, "data": where[(e.name, "data")]})
+    return t
 
 
 def _write(state: State) -> bytes:
@@ -96,20 +110,23 @@ def _write(state: State) -> bytes:
 
 
 def compile_state_dict(state_dict: dict, recipe: Recipe | None = None, log=None, hessians: dict | None = None,
-                       device: str = "cpu") -> CompileResult:
-    """`hessians`: {weight name: input Hessian} from squeeze.calibrate, which turns on GPTQ where the recipe allows.
+                       device: str = "cpu", calibration_skips: dict | None = None,
+                       strict_calib: bool = False) -> CompileResult:
+    """`hessians`: {weight name: input Hessian} from squeeze.calibrate, which turns on GPTQ where the recipe allows;
+    `calibration_skips`: {name: why calibration found no Hessian} (Calibration.skipped), for the report;
+    `strict_calib`: a quantized matrix that would get no GPTQ for want of a usable Hessian is an error.
     `device`: where GPTQ computes ("cuda" is much faster; its float64 rounding may differ from the CPU's in rare ties,
     so bytes are reproducible per device)."""
     state = State(entries=entries_from_state_dict(state_dict), recipe=recipe or Recipe(), hessians=hessians or {},
-                  device=device)
+                  device=device, calibration_skips=calibration_skips or {}, strict_calib=strict_calib)
     state = pipeline.run(state, log=log)
     return CompileResult(blob=_write(state), state=state)
 
 
 def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, sensitivities: dict,
                       hessians: dict | None = None, code_bytes: int = 0, log=None, max_rounds: int = 8,
-                      device: str = "cpu", allocate_config: allocate.AllocateConfig = allocate.AllocateConfig()) -> \
-        CompileResult:
+                      device: str = "cpu", allocate_config: allocate.AllocateConfig = allocate.AllocateConfig(),
+                      calibration_skips: dict | None = None, strict_calib: bool = False) -> CompileResult:
     """The artifact with the lowest predicted loss whose size plus `code_bytes` (the user's code and decoder) is at
     most `budget_bytes`, always; SqueezeError if even the narrowest grids do not fit.
 
@@ -119,18 +136,15 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
     """
     target = budget_bytes - code_bytes
     base = State(entries=entries_from_state_dict(state_dict), recipe=recipe, hessians=hessians or {},
-                 sensitivities=sensitivities, device=device)
-    for name, fn, config in pipeline.passes_for(recipe)[:3]:  # tie, classify, plan: what allocate needs
+                 sensitivities=sensitivities, device=device, calibration_skips=calibration_skips or {},
+                 strict_calib=strict_calib)
+    for name, fn, config in pipeline.passes_for(recipe, until="plan"):  # what allocate needs
         base = fn(base, config)
-    missing = [e.name for e in allocate.allocatable(base) if e.name not in sensitivities]
-    if missing:
-        raise SqueezeError(f"{missing[0]}: no sensitivity measured; a budget needs calibration (--calib or "
-                           f"--calib-self)")
-    options = {e.name: allocate.options_for(e, sensitivities[e.name], allocate_config, base.hessians.get(e.name),
+    allocate.check_sensitivities(base)
+    options = {e.name: allocate.options_for(e, sensitivities[e.name], allocate_config, base.hessian_of(e)[0],
                                             allocate.gptq_config_for(base, e))
                for e in allocate.allocatable(base)}
-    start = State(entries=base.entries, recipe=recipe, hessians=base.hessians, sensitivities=sensitivities,
-                  allocation_options=options, device=device)
+    start = dataclasses.replace(base, allocation_options=options)
     # trial: the cheapest grid everywhere, which tells what the rest of the artifact costs
     pool = sum(o[0].bytes for o in options.values())
     for round_no in range(1, max_rounds + 1):
@@ -149,6 +163,22 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
             return CompileResult(blob=blob, state=state)
         pool -= (len(blob) - target) + target * 0.0005 * round_no
     raise SqueezeError(f"budget {budget_bytes:,}: no allocation fitted after {max_rounds} rounds")
+
+
+def methods_of(state: State) -> list:
+    """[{name, role, shape, method, why}] for every quantized matrix: "gptq", or "rtn" (round-to-nearest) with the
+    reason when the recipe asked for GPTQ (a missing or unusable Hessian, GPTQ not better on the layer loss), so no
+    tensor falls back silently."""
+    rows = []
+    for e in state.stored_entries():
+        if e.plan is None or e.plan.scheme != "int":
+            continue
+        method = e.method_used or "rtn"
+        why = e.note.split("; ")[0].removeprefix("round-to-nearest: ")  # the gptq pass's note, not lowrank's
+        if method == "gptq" or not e.method_used:
+            why = "" if method == "gptq" else f"recipe: method = \"{e.plan.method}\""
+        rows.append({"name": e.name, "role": e.role, "shape": list(e.shape), "method": method, "why": why})
+    return rows
 
 
 def compile(state_dict: dict, recipe: Recipe | None = None, hessians: dict | None = None) -> bytes:

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 from . import codecs, packing
 from .packing import unshuffle
-from .dtypes import DTYPES, FLOAT_CODES, itemsize
+from .dtypes import DTYPES, FLOAT_CODES, FP8_CODES, itemsize
 from .errors import FormatError
 from .quant import matrix_shape, n_groups
 
 MAGIC = b"SQZ\x00"
-VERSION = (1, 2)          # the newest this reader reads; write() puts the lowest that describes the file
+VERSION = (1, 3)          # the newest this reader reads; write() puts the lowest that describes the file
 PREAMBLE = struct.Struct("<4sBBBBIII")   # magic, major, minor, header codec id, reserved, size, raw size, crc
 MAX_HEADER_RAW = 16 << 20
 MAX_SECTION_RAW = (1 << 32) - 1
@@ -32,9 +32,9 @@ ROLES = ("embedding", "attention", "mlp", "control", "other")
 SHUFFLE_WIDTHS = (1, 2, 4, 8)
 PACKS = ("byte", "dense")
 SCALE_DTYPES = ("f16", "bf16", "f32")
-STORAGE_FORMS = ("alias", "data", "q")
+STORAGE_FORMS = ("alias", "data", "q", "stack")
 PART_KINDS = ("data", "codes", "scales", "lowrank")
-PARTS_OF_FORM = {"alias": (), "data": ("data",), "q": ("codes", "scales", "lowrank")}
+PARTS_OF_FORM = {"alias": (), "data": ("data",), "q": ("codes", "scales", "lowrank"), "stack": ()}
 LOWRANK_KEYS = ("rank", "ldtype")  # in "q", present exactly when the tensor has a "lowrank" part (1.2)
 MAX_RANK = 256  # reconstruction costs rank·R·C operations: the bound keeps a hostile file from costing hours
 
@@ -53,10 +53,31 @@ def write(header: dict, stored_sections: list, header_codec: str, params) -> byt
 
 
 def minor_version_of(header: dict) -> int:
-    """The lowest minor version whose features the header uses: 2 with a low-rank correction, else 1. Writing the
-    lowest keeps every file that needs no 1.2 feature readable by 1.1 readers (and by tiny decoders emitted then)."""
+    """The lowest minor version whose features the header uses (see `feature_of`). Writing the lowest keeps every
+    file that needs no newer feature readable by older readers (and by tiny decoders emitted then)."""
     tensors = header.get("tensors") if isinstance(header, dict) else None  # write() serialises any header (fuzzer)
-    return 2 if isinstance(tensors, list) and any(isinstance(t, dict) and "lowrank" in t for t in tensors) else 1
+    if not isinstance(tensors, list):
+        return 1
+    return max([1] + [feature_of(t)[0] for t in tensors if isinstance(t, dict)])
+
+
+def feature_of(t: dict) -> tuple[int, str]:
+    """(the minor version a tensor object needs, the feature that needs it)."""
+    if "stack" in t:
+        return 3, "a stack of matrix slices"
+    fp8 = fp8_code_of(t)
+    if fp8:
+        return 3, f"the fp8 dtype code {fp8}"
+    if "lowrank" in t:
+        return 2, "a low-rank correction"
+    return 1, ""
+
+
+def fp8_code_of(t: dict):
+    """The first fp8 dtype code (format 1.3) a tensor object uses as dtype, store, sdtype or ldtype, else None."""
+    q = t.get("q")
+    codes = [t.get("dtype"), t.get("store")] + ([q.get("sdtype"), q.get("ldtype")] if isinstance(q, dict) else [])
+    return next((c for c in codes if isinstance(c, str) and c in FP8_CODES), None)
 
 
 @dataclass
@@ -118,8 +139,9 @@ def read(blob: bytes, source: str = "artifact", max_decoded_bytes: int = MAX_DEC
     offsets = _check_sections(header["sections"], len(blob), data_start, source, max_decoded_bytes)
     layouts = _check_tensors(header, source, max_decoded_bytes)
     if minor < minor_version_of(header):
-        lowrank = next(t["name"] for t in header["tensors"] if "lowrank" in t)
-        raise FormatError(f"{source}: tensor {lowrank}: a low-rank correction is a format 1.2 feature, the file "
+        t = max(header["tensors"], key=lambda t: feature_of(t)[0])
+        needs, feature = feature_of(t)
+        raise FormatError(f"{source}: tensor {t['name']}: {feature} is a format 1.{needs} feature, the file "
                           f"declares 1.{minor}")
     return Artifact(blob=blob, header=header, header_codec=header_codec, header_size=h_size, data_start=data_start,
                     offsets=offsets, layouts=layouts, source=source, minor=minor)
@@ -297,6 +319,7 @@ def part_matrix(kind: str, shape, pack: str | None, length: int) -> tuple[int, i
 def _check_tensors(header: dict, source: str, max_decoded: int) -> list:
     """Check every tensor entry and the tiling of sections; return each section's layout."""
     entries = {}  # name -> tensor object
+    stacked = {}  # slice name -> the stack it belongs to
     tiles = {}    # section index -> [(offset, length, "kind of name", matrix)]
     for i, t in enumerate(header["tensors"]):
         what = _check_common_fields(t, i, entries, source)
@@ -304,9 +327,12 @@ def _check_tensors(header: dict, source: str, max_decoded: int) -> list:
         if "alias" in t:
             _check_alias_fields(t, what)
             continue
+        if "stack" in t:
+            _check_stack(t, entries, stacked, what)
+            continue
         for kind, ref, matrix in _check_storage(t, what, len(header["sections"])):
             tiles.setdefault(ref[0], []).append((ref[1], ref[2], f"{kind} of {t['name']}", matrix))
-    _check_alias_targets(entries, source)
+    _check_alias_targets(entries, stacked, source)
     _check_output_size(entries.values(), source, max_decoded)
     return _section_layouts(header["sections"], tiles, source)
 
@@ -330,7 +356,8 @@ def _check_common_fields(t, i: int, entries: dict, source: str) -> str:
     _require_choice(what, t, "role", ROLES)
     forms = [key for key in STORAGE_FORMS if key in t]
     if len(forms) != 1:
-        raise FormatError(f"{what}: has {' and '.join(map(repr, forms)) or 'none of alias, data, q'}: exactly one "
+        found = " and ".join(map(repr, forms)) or "none of alias, data, q, stack"
+        raise FormatError(f"{what}: has {found}: exactly one "
                           f"storage form is allowed")
     stray = [k for k in PART_KINDS if k in t and k not in PARTS_OF_FORM[forms[0]]]
     if stray:  # inspect and the tiny decoder's rans layout read every part key they find
@@ -347,8 +374,33 @@ def _check_alias_fields(t: dict, what: str):
         raise FormatError(f"{what}: a transposed alias must be 2-D, its shape is {t['shape']}")
 
 
-def _check_alias_targets(entries: dict, source: str):
-    """An alias names a stored tensor and has its dtype and shape (reversed when transposed)."""
+def _check_stack(t: dict, entries: dict, stacked: dict, what: str):
+    """A stack names prod(shape[:-2]) earlier stored tensors of shape shape[-2:] and its dtype, each in no other
+    stack (docs/FORMAT.md, storage form 4)."""
+    slices, shape = t["stack"], t["shape"]
+    if len(shape) < 3:
+        raise FormatError(f"{what}: a stack must have at least 3 dims, its shape is {shape}")
+    n = _numel(shape[:-2])
+    if not (isinstance(slices, list) and len(slices) == n and all(_is_name(s) for s in slices)):
+        raise FormatError(f"{what}: invalid stack {_show(slices)}: must be a list of the names of its {n} slices")
+    for name in slices:
+        s = entries.get(name)
+        if s is None:
+            raise FormatError(f"{what}: slice {name!r} is not a tensor written before the stack")
+        if "data" not in s and "q" not in s:
+            raise FormatError(f"{what}: slice {name!r} must be stored as-is, cast or quantized, not as an "
+                              f"{'alias' if 'alias' in s else 'stack'}")
+        if s["shape"] != shape[-2:] or s["dtype"] != t["dtype"]:
+            raise FormatError(f"{what}: slice {name!r} is {s['shape']} {s['dtype']}, the stack needs "
+                              f"{shape[-2:]} {t['dtype']}")
+        if name in stacked:
+            raise FormatError(f"{what}: slice {name!r} is also a slice of {stacked[name]!r}")
+        stacked[name] = t["name"]
+
+
+def _check_alias_targets(entries: dict, stacked: dict, source: str):
+    """An alias names a stored tensor or a stack (not a stack's slice) and has its dtype and shape (reversed when
+    transposed)."""
     for name, t in entries.items():
         if "alias" not in t:
             continue
@@ -360,6 +412,8 @@ def _check_alias_targets(entries: dict, source: str):
             raise FormatError(f"{what}: alias target {target_name!r} does not exist")
         if "alias" in target:
             raise FormatError(f"{what}: alias target {target_name!r} is itself an alias")
+        if target_name in stacked:
+            raise FormatError(f"{what}: alias target {target_name!r} is a slice of {stacked[target_name]!r}")
         shape = target["shape"][::-1] if t["t"] else target["shape"]
         if t["shape"] != shape or t["dtype"] != target["dtype"]:
             raise FormatError(f"{what}: shape {t['shape']} and dtype {t['dtype']} differ from its alias target "
@@ -396,6 +450,8 @@ def _check_quant_fields(t: dict, what: str):
     _require_choice(what, q, "sdtype", SCALE_DTYPES)
     if not (isinstance(q.get("clip"), str) and _is_utf8(q["clip"])):
         raise _bad_field(what, q, "clip", "a string")
+    if "method" in q and not (isinstance(q["method"], str) and _is_utf8(q["method"])):
+        raise _bad_field(what, q, "method", "a string")
     if t["dtype"] not in FLOAT_CODES:
         raise FormatError(f"{what}: a {t['dtype']} tensor cannot be quantized (dtype must be one of "
                           f"{', '.join(FLOAT_CODES)})")

@@ -75,11 +75,14 @@ class Report:
 def scheme_of(t: dict) -> str:
     if "alias" in t:
         return f"alias{'ᵀ' if t['t'] else ''} of {t['alias']}"
+    if "stack" in t:  # FORMAT.md 1.3: its slices, listed above it, hold the bytes
+        return f"stack of {len(t['stack'])} slices"
     if "q" in t:
         q = t["q"]
         grain = "row" if q["group"] == 0 else f"g{q['group']}"
         lowrank = f" +r{q['rank']}" if "rank" in q else ""  # the low-rank correction (FORMAT.md 1.2)
-        return f"int{q['bits']}/{grain} {q['clip']} {q['pack']}{lowrank}"
+        method = " gptq" if q.get("method") == "gptq" else ""  # informational: how the codes were chosen
+        return f"int{q['bits']}/{grain} {q['clip']} {q['pack']}{lowrank}{method}"
     return t["store"] if t["store"] == t["dtype"] else f"{t['store']}←{t['dtype']}"
 
 
@@ -185,19 +188,20 @@ def inspect(path_or_bytes, verify_report=None) -> Report:
         numel = 1
         for d in t["shape"]:
             numel *= d
-        params += numel if "alias" not in t else 0
+        counted = "alias" not in t and "stack" not in t  # a stack's parameters are its slices
+        params += numel if counted else 0
         b = attributed.get(t["name"], 0)
         tensors.append(TensorRow(name=t["name"], role=t["role"], shape=t["shape"], dtype=t["dtype"],
                                  scheme=scheme_of(t), codec="+".join(codecs_of.get(t["name"], [])) or "-",
                                  raw_bytes=raw_of.get(t["name"], 0), bytes=b,
-                                 bits_per_weight=round(8 * b / numel, 4) if numel and "alias" not in t else 0.0,
+                                 bits_per_weight=round(8 * b / numel, 4) if numel and counted else 0.0,
                                  alias_of=t.get("alias"),
                                  entropy_bytes=round(entropy_of[t["name"]], 1) if t["name"] in entropy_of else None,
                                  overhead_bytes=overhead_of.get(t["name"], 0), codes_bytes=codes_of.get(t["name"], 0),
                                  coder_model=model_of.get(t["name"], "")))
         r = roles.setdefault(t["role"], {"tensors": 0, "params": 0, "bytes": 0})
         r["tensors"] += 1
-        r["params"] += numel if "alias" not in t else 0
+        r["params"] += numel if counted else 0
         r["bytes"] += b
     for r in roles.values():
         r["bits_per_weight"] = round(8 * r["bytes"] / r["params"], 4) if r["params"] else 0.0
@@ -218,7 +222,7 @@ def render(report: Report) -> str:
     for t in report.tensors:
         h0 = t.entropy_bytes
         rows.append((t.name, t.role, "×".join(map(str, t.shape)) or "scalar", t.scheme, t.codec,
-                     f"{t.bytes:,}", f"{t.bits_per_weight:.3f}" if t.alias_of is None else "-",
+                     f"{t.bytes:,}", f"{t.bits_per_weight:.3f}" if t.bits_per_weight or t.bytes else "-",
                      f"{h0:,.0f}" if h0 is not None else "-",
                      f"{t.codes_bytes / h0:.3f}" if h0 else "-",
                      f"{t.overhead_bytes:,}" if t.overhead_bytes else "-", t.coder_model or "-"))

@@ -67,18 +67,22 @@ def lowrank_factors(art: format.Artifact, t: dict, rows: int, cols: int) -> tupl
 
 
 def load(path_or_bytes, max_decoded_bytes: int = format.MAX_DECODED) -> dict:
-    """All tensors of an artifact, in the checkpoint's original order; aliases share their target's tensor.
-    FormatError for anything malformed; artifacts decoding to more than `max_decoded_bytes` are refused."""
+    """All tensors of an artifact, in the checkpoint's original order; aliases share their target's tensor, a stack
+    (format 1.3) is its slices put together. FormatError for anything malformed; artifacts decoding to more than
+    `max_decoded_bytes` are refused."""
     art = read_artifact(path_or_bytes, max_decoded_bytes)
     out = {}
     for t in art.tensors:
-        if "alias" not in t:
+        if "stack" in t:
+            slices = [out.pop(name).reshape(-1) for name in t["stack"]]
+            out[t["name"]] = torch.cat(slices + [torch.empty(0, dtype=torch_dtype(t["dtype"]))]).reshape(t["shape"])
+        elif "alias" not in t:
             out[t["name"]] = decode_tensor(art, t)
     result = {}
     for t in art.tensors:
         if "alias" in t:
             target = out[t["alias"]]
             result[t["name"]] = target.t().contiguous() if t["t"] else target
-        else:
+        elif t["name"] in out:
             result[t["name"]] = out[t["name"]]
     return result

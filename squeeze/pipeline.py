@@ -1,19 +1,22 @@
-"""The pass pipeline: runs tie -> classify -> plan -> allocate -> quantize -> gptq -> lowrank -> pack -> encode and
-records what each did."""
+"""The pass pipeline: runs tie -> classify -> stack -> plan -> allocate -> quantize -> gptq -> lowrank -> pack ->
+encode and records what each did."""
 import dataclasses
 import time
 
-from .passes import allocate, classify, encode, gptq, lowrank, pack, plan, quantize, tie
+from .passes import allocate, classify, encode, gptq, lowrank, pack, plan, quantize, stack, tie
 from .recipe import Recipe
 from .state import PassRecord, State
 
 
-def passes_for(recipe: Recipe, device: str = "cpu") -> list:
-    """(name, run, config) for each pass, configs derived from the recipe; `device` is where GPTQ computes."""
+def passes_for(recipe: Recipe, device: str = "cpu", until: str | None = None) -> list:
+    """(name, run, config) for each pass, configs derived from the recipe; `device` is where GPTQ computes; `until`:
+    stop after the pass of that name (compile_to_budget runs the passes up to "plan" once)."""
     enc = recipe.encode
-    return [
+    passes = [
         ("tie", tie.run, tie.TieConfig()),
-        ("classify", classify.run, classify.ClassifyConfig(control_patterns=recipe.keep_float.control_patterns)),
+        ("classify", classify.run, classify.ClassifyConfig(control_patterns=recipe.keep_float.control_patterns,
+                                                           recipe=recipe)),
+        ("stack", stack.run, stack.StackConfig(max_float_numel=recipe.keep_float.max_numel)),
         ("plan", plan.run, plan.PlanConfig(recipe=recipe)),
         ("allocate", allocate.run, allocate.AllocateConfig()),
         ("quantize", quantize.run, quantize.QuantizeConfig()),
@@ -24,6 +27,10 @@ def passes_for(recipe: Recipe, device: str = "cpu") -> list:
         ("encode", encode.run, encode.EncodeConfig(group_by=enc.group_by, candidates=enc.candidates,
                                                    shuffle=enc.shuffle, params=enc.params)),
     ]
+    if until is not None:
+        names = [name for name, _, _ in passes]
+        passes = passes[: names.index(until) + 1]
+    return passes
 
 
 def run(state: State, log=None) -> State:

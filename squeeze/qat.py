@@ -51,10 +51,11 @@ from torch.nn.utils import parametrize
 
 from . import compiler, pipeline, quant
 from .dtypes import FLOAT_CODES, code_of, torch_dtype
+from .passes import stack
 from .passes.classify import ClassifyConfig, role_of
 from .passes.plan import plan_for
 from .recipe import Recipe, Rule
-from .state import Plan, State
+from .state import Plan, State, TensorEntry
 
 __all__ = ["QATConfig", "QATHandle", "QATTarget", "prepare", "straight_through"]
 
@@ -166,14 +167,18 @@ class FakeQuantize(nn.Module):
     """Parametrization: the weight the artifact will decode to (fixed scales, chosen from the current weight each
     forward by the recipe's clip method, `quant.fake_quantize`), straight-through gradient."""
 
-    def __init__(self, spec: quant.QuantSpec, enabled: bool = True):
+    def __init__(self, spec: quant.QuantSpec, enabled: bool = True, stacked: bool = False):
         super().__init__()
         self.spec, self.enabled = spec, enabled
+        # a stack of matrices (squeeze/passes/stack.py): compile quantizes each slice, so scales go per slice row,
+        # which are the rows of the [slices·R, C] view
+        self.stacked = stacked
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        return straight_through(_fake_quantize_op(w.detach(), *_spec_args(self.spec)), w)
+        rows = w.detach().reshape(-1, w.shape[-1]) if self.stacked else w.detach()
+        return straight_through(_fake_quantize_op(rows, *_spec_args(self.spec)).reshape(w.shape), w)
 
 
 class LearnedScaleFakeQuantize(nn.Module):
@@ -255,9 +260,21 @@ def _selector(only) -> Callable[[str], bool]:
 
 
 def plan_of(name: str, p: torch.Tensor, recipe: Recipe) -> Plan:
-    """The compiler's plan for one tensor: classify's role, then the plan pass's routing."""
-    role = role_of(name, p.shape, ClassifyConfig(control_patterns=recipe.keep_float.control_patterns))
-    return plan_for(name, code_of(p.dtype), role, p.numel(), recipe)
+    """The compiler's plan for one tensor: classify's role, then the stack and plan passes' routing. A tensor the
+    stack pass splits gets its slices' plan (QAT mirrors one plan for all of them)."""
+    role = role_of(name, p.shape, ClassifyConfig(control_patterns=recipe.keep_float.control_patterns, recipe=recipe))
+    code = code_of(p.dtype)
+    entry = TensorEntry(name=name, dtype=code, shape=tuple(p.shape), role=role)
+    if not stack.splits(entry, stack.StackConfig(max_float_numel=recipe.keep_float.max_numel)):
+        return plan_for(name, code, role, p.numel(), recipe)
+    rows, cols = p.shape[-2:]
+    plans = {plan_for(s, code, role, rows * cols, recipe, parent=name) for s in stack.slice_names(name, p.shape)}
+    if len(plans) > 1:
+        raise ValueError(f"{name}: the recipe gives its slices different plans; QAT mirrors one plan per stack")
+    return dataclasses.replace(plans.pop(), reason=STACKED)
+
+
+STACKED = "stack"  # the plan reason QAT gives a stack's shared slice plan
 
 
 def find_targets(model: nn.Module, recipe: Recipe, config: QATConfig = QATConfig()) -> list[QATTarget]:
@@ -284,10 +301,15 @@ def _parametrization_for(target: QATTarget, p: torch.Tensor, config: QATConfig) 
     if plan.lowrank_rank:
         raise ValueError(f"{target.name}: the recipe adds a low-rank correction, which compile fits to the final "
                          "quantization error; QAT does not mirror it (set lowrank_rank = 0 for this tensor)")
-    quant.quantize(p, plan.quant, target.name)  # reports a scale outside the stored dtype now, by name
+    stacked = plan.reason == STACKED
+    rows = p.detach().reshape(-1, p.shape[-1]) if stacked else p
+    quant.quantize(rows, plan.quant, target.name)  # reports a scale outside the stored dtype now, by name
     if config.learn_scales:
+        if stacked:
+            raise ValueError(f"{target.name}: learned scales are not mirrored for a stack of matrices yet (compile "
+                             f"stores its slices apart); use fixed scales (learn_scales=False)")
         return LearnedScaleFakeQuantize(plan.quant, p, config.enabled)
-    return FakeQuantize(plan.quant, config.enabled)
+    return FakeQuantize(plan.quant, config.enabled, stacked=stacked)
 
 
 def _module_at(model: nn.Module, path: str) -> nn.Module:

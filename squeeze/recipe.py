@@ -9,6 +9,8 @@
     max_numel = 65536
     [encode]
     codec = "brotli"
+    [roles]                    # optional: roles for names classify's name rules miss (a bank "w_bank" -> mlp)
+    attention = ["qo_bank", "kv_bank"]
     [[rules]]                  # ordered; the first rule whose `match` (and `role`, if given) fits a tensor wins
     match = "tok_emb.weight"   # a glob, or "re:<regex>" searched in the name; a list means any of them
     bits = 8
@@ -29,7 +31,9 @@ from .errors import RecipeError
 from .quant import CLIP_METHODS, QuantSpec
 
 ROLES = ("embedding", "attention", "mlp", "control", "other")
-_FLOAT_NAMES = {"fp32": "f32", "f32": "f32", "fp16": "f16", "f16": "f16", "bf16": "bf16", "keep": "keep"}
+_FLOAT_NAMES = {"fp32": "f32", "f32": "f32", "fp16": "f16", "f16": "f16", "bf16": "bf16", "keep": "keep",
+                "fp8e4m3": "f8e4m3", "f8e4m3": "f8e4m3", "fp8e5m2": "f8e5m2", "f8e5m2": "f8e5m2"}
+_FLOAT_CHOICES = '"fp16", "bf16", "fp32", "fp8e4m3", "fp8e5m2" or "keep"'
 # The challenge baseline's control-tensor name patterns (plus later records' additions).
 CONTROL_PATTERNS = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
                     "skip_weight", "skip_weights", "skip_gates", "smear", "lambdas", "attn_gate")
@@ -47,7 +51,7 @@ class TensorSettings:
     mse_grid: int = 32
     scale_dtype: str = "f16"
     scale_min: float = 0.0         # floor on scales; the challenge baseline uses 1/127 for int8
-    float_dtype: str = "f16"       # f16 | bf16 | f32 | keep
+    float_dtype: str = "f16"       # f16 | bf16 | f32 | f8e4m3 | f8e5m2 | keep
     pack: str = "auto"             # auto | byte | dense ("auto": dense only when the codec is raw)
     codec: str = "auto"            # a codec name, or "auto": the smallest of [encode].candidates
     method: str = "auto"           # rtn | gptq | auto (gptq where compile has calibration Hessians, else rtn)
@@ -90,10 +94,12 @@ class Rule:
     overrides: tuple = ()          # ((key, value), ...) over TensorSettings
     line: int = 0
 
-    def matches(self, name: str, role: str) -> bool:
+    def matches(self, name: str, role: str, parent: str | None = None) -> bool:
+        """`parent`: the N-D tensor a slice belongs to (squeeze/passes/stack.py); a rule naming it covers every
+        slice."""
         if self.role and role not in self.role:
             return False
-        return any(_match(p, name) for p in self.match)
+        return any(_match(p, name) or (parent is not None and _match(p, parent)) for p in self.match)
 
     def describe(self) -> str:
         return "|".join(self.match) + (f" role={'|'.join(self.role)}" if self.role else "")
@@ -112,15 +118,22 @@ class Recipe:
     # bought ~30 on the fixture's scales)
     encode: EncodeSettings = EncodeSettings(candidates=("brotli", "rans"))
     gptq: GPTQSettings = GPTQSettings()
+    roles: tuple = ()              # ((role, patterns), ...) from [roles]: names whose role the name rules miss
     source: str = "<built-in>"
+
+    def role_for(self, name: str) -> str | None:
+        """The role [roles] gives a tensor (a pattern naming a stack covers its slices), or None."""
+        return next((role for role, patterns in self.roles if any(_match(p, name) for p in patterns)), None)
 
     @staticmethod
     def load(path) -> "Recipe":
         return load(path)
 
-    def settings_for(self, name: str, role: str, numel: int) -> tuple[TensorSettings, str]:
-        """The settings of one tensor and why (for inspect): the first matching rule, else small/control, else defaults."""
-        rule = next((r for r in self.rules if r.matches(name, role)), None)
+    def settings_for(self, name: str, role: str, numel: int, parent: str | None = None) -> \
+            tuple[TensorSettings, str]:
+        """The settings of one tensor and why (for inspect): the first matching rule, else small/control, else
+        defaults. `parent`: the stack a slice belongs to, which rules may name instead."""
+        rule = next((r for r in self.rules if r.matches(name, role, parent)), None)
         settings = self.defaults
         why = "defaults"
         if rule is not None:
@@ -148,7 +161,7 @@ def _match(pattern: str, name: str) -> bool:
 _SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(TensorSettings)}
 _KEEP_FLOAT_KEYS = {f.name for f in dataclasses.fields(KeepFloat)}
 _ENCODE_KEYS = {"group_by", "candidates", "shuffle", "codec"} | {f.name for f in dataclasses.fields(EncodeParams)}
-_TOP_KEYS = {"name", "description", "defaults", "keep_float", "encode", "gptq", "rules"}
+_TOP_KEYS = {"name", "description", "defaults", "keep_float", "encode", "gptq", "rules", "roles"}
 
 
 class _Checker:
@@ -213,12 +226,12 @@ def _check_setting(chk: _Checker, table: str, key: str, value, index: int = 0):
     if key == "mse_grid" and not 1 <= value <= 1024:
         bad("mse_grid must be 1..1024")
     if key == "scale_dtype":
-        if _FLOAT_NAMES.get(value) in (None, "keep"):
+        if _FLOAT_NAMES.get(value) not in ("f16", "bf16", "f32"):
             bad('expected "fp16", "bf16" or "fp32"')
         value = _FLOAT_NAMES[value]
     if key == "float_dtype":
         if value not in _FLOAT_NAMES:
-            bad('expected "fp16", "bf16", "fp32" or "keep"')
+            bad(f"expected {_FLOAT_CHOICES}")
         value = _FLOAT_NAMES[value]
     if key == "pack" and value not in ("auto", "byte", "dense"):
         bad('expected "auto", "byte" or "dense"')
@@ -265,7 +278,7 @@ def parse(text: str, path: str = "<recipe>") -> Recipe:
     for key in ("name", "description"):
         if key in data and not isinstance(data[key], str):
             chk.fail("", key, f"{key} must be a string")
-    for key in ("defaults", "keep_float", "encode", "gptq"):
+    for key in ("defaults", "keep_float", "encode", "gptq", "roles"):
         if key in data and not isinstance(data[key], dict):
             chk.fail("", key, f"{key} must be a table [{key}]")
 
@@ -293,9 +306,14 @@ def parse(text: str, path: str = "<recipe>") -> Recipe:
         overrides = _settings_table(chk, "rules", rule, i, allowed_extra=("match", "role"))
         rules.append(Rule(match=match, role=role, overrides=tuple(overrides.items()),
                           line=chk.line_of("rules", "match", i)))
+    roles = []
+    for role, patterns in data.get("roles", {}).items():
+        if role not in ROLES:
+            chk.fail("roles", role, f"unknown role {role!r} in [roles] (expected one of {', '.join(ROLES)})")
+        roles.append((role, _string_list(chk, "roles", role, patterns)))
     return Recipe(name=data.get("name", Path(path).stem), description=data.get("description", ""),
                   defaults=defaults, keep_float=keep_float, rules=tuple(rules), encode=encode,
-                  gptq=_parse_gptq(chk, data.get("gptq", {})), source=path)
+                  gptq=_parse_gptq(chk, data.get("gptq", {})), roles=tuple(roles), source=path)
 
 
 def _parse_gptq(chk: _Checker, data: dict) -> GPTQSettings:
@@ -326,7 +344,7 @@ def _parse_keep_float(chk: _Checker, data: dict) -> KeepFloat:
             chk.fail("keep_float", key, f"max_numel = {value!r}: expected a non-negative integer")
         if key in ("control_dtype", "small_dtype"):
             if not isinstance(value, str) or value not in _FLOAT_NAMES:
-                chk.fail("keep_float", key, f'{key} = {value!r}: expected "fp16", "bf16", "fp32" or "keep"')
+                chk.fail("keep_float", key, f"{key} = {value!r}: expected {_FLOAT_CHOICES}")
             value = _FLOAT_NAMES[value]
         if key == "control_patterns":
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):

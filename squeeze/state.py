@@ -37,7 +37,10 @@ class TensorEntry:
     scales: torch.Tensor | None = None
     lowrank: tuple | None = None            # (U [R, r], V [r, C]) in f16, set by `lowrank`
     note: str = ""                          # what a refining pass did (e.g. gptq's calibration-loss gain)
+    method_used: str = ""                   # int only, set by `gptq` when calibrated: "gptq" | "rtn" (note: why)
     parts: tuple = ()                       # ((kind, bytes), ...), set by `pack`; kind: data|codes|scales|lowrank
+    stack_of: str | None = None             # set by `stack`: this entry is slice `name` of that N-D tensor
+    stack_shape: tuple = ()                 # the N-D tensor's shape (slices are its last two dims)
 
     @property
     def numel(self) -> int:
@@ -73,6 +76,8 @@ class State:
     recipe: Recipe = field(default_factory=Recipe)
     hessians: dict = field(default_factory=dict)   # parameter name -> [C, C] input Hessian (squeeze/calibrate.py)
     sensitivities: dict = field(default_factory=dict)  # parameter name -> loss increase per unit noise variance
+    calibration_skips: dict = field(default_factory=dict)  # parameter name -> why calibration found no Hessian
+    strict_calib: bool = False          # a quantized matrix without a usable Hessian is an error, not RTN
     allocation_pool: int | None = None  # bytes the allocate pass may spend on the tensors it decides (budget mode)
     allocation_options: dict = field(default_factory=dict)  # name -> hull of Options, computed once per budget
     allocated_bytes: float = 0.0        # the allocate pass's estimate of what it spent
@@ -98,6 +103,18 @@ class State:
             elif e.tensor is not None:
                 total += e.tensor.numel() * e.tensor.element_size()
         return total
+
+    def hessian_of(self, e: TensorEntry) -> tuple:
+        """(e's input Hessian [C, C] for GPTQ, the allocator and the low-rank pass, or None and why there is none)."""
+        h = self.hessians.get(e.name)
+        cols = e.numel // int(e.shape[0]) if len(e.shape) >= 2 and e.shape[0] else e.numel
+        if h is None:
+            why = next((self.calibration_skips[n] for n in (e.name, e.stack_of) if n in self.calibration_skips),
+                       "never multiplied by in the calibration forward")
+            return None, f"no Hessian: {why}"
+        if tuple(h.shape) != (cols, cols):
+            return None, f"no Hessian: calibration's is {list(h.shape)}, the matrix has {cols} columns"
+        return h, ""
 
     def entry(self, name: str) -> TensorEntry:
         return next(e for e in self.entries if e.name == name)

@@ -24,8 +24,8 @@ def test_compile_inspect_emit_decoder_end_to_end(tmp_path):
     r = run("compile", CKPT, "--recipe", RECIPES / "int8-baseline.toml", "-o", out, "--verbose")
     assert r.returncode == 0, r.stderr
     assert f"{out}: {out.stat().st_size:,} bytes" in r.stdout
-    assert [line.split()[0] for line in r.stderr.splitlines()] == ["tie", "classify", "plan", "allocate", "quantize",
-                                                                    "gptq", "lowrank", "pack", "encode"]
+    assert [line.split()[0] for line in r.stderr.splitlines()] == ["tie", "classify", "stack", "plan", "allocate",
+                                                                    "quantize", "gptq", "lowrank", "pack", "encode"]
     r = run("inspect", out)
     assert r.returncode == 0 and "tok_emb.weight" in r.stdout and f"= {out.stat().st_size:,} B" in r.stdout
     r = run("inspect", out, "--json")

@@ -54,7 +54,8 @@ def test_mutated_artifacts(seeds, rng):
 JSON_SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-2**64, 2**64), st.sampled_from([0, 1, 2, 8, 9, 2**32 - 1, 2**32, 2**40]),
     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
-    st.sampled_from(["f32", "bf16", "bool", "rans", "zlib", "dense", "byte", "mlp", "tok_emb.weight"]))
+    st.sampled_from(["f32", "bf16", "f8e4m3", "f8e5m2", "bool", "rans", "zlib", "dense", "byte", "mlp",
+                     "tok_emb.weight"]))
 JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=3)), max_leaves=10)
 

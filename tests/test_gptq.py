@@ -40,10 +40,11 @@ def text_loss(state_dict, text: torch.Tensor) -> float:
     return model.loss(text[:n * 256].reshape(n, 256), text[1:n * 256 + 1].reshape(n, 256)).item()
 
 
-def test_hessians_cover_every_linear(self_calibration, fixture_sd):
+def test_hessians_cover_every_matrix_the_forward_multiplies_by(self_calibration, fixture_sd):
+    """Every block linear and the tied head (F.linear(x, tok_emb.weight)); tests/test_operands.py checks values."""
     h = self_calibration.hessians
     linears = [k for k, v in fixture_sd.items() if k.endswith(".weight") and k.startswith("blocks.")]
-    assert sorted(h) == sorted(linears)
+    assert sorted(h) == sorted(linears + ["tok_emb.weight"])
     for name in linears:
         cols = fixture_sd[name].shape[1]
         assert h[name].shape == (cols, cols) and torch.allclose(h[name], h[name].T)

@@ -26,7 +26,7 @@ from conftest import ROOT, bitwise_equal
 
 RECIPE = parse('[defaults]\nbits = 6\ncodec = "zlib"\n[keep_float]\nmax_numel = 64\n', "t.toml")
 CODEC_NAMES = ", ".join(codecs.NAMES)
-DTYPE_NAMES = "f32, f16, bf16, f64, i8, i16, i32, i64, u8, bool"
+DTYPE_NAMES = "f32, f16, bf16, f64, f8e4m3, f8e5m2, i8, i16, i32, i64, u8, bool"
 
 
 def small_state_dict() -> dict:
@@ -233,7 +233,7 @@ Q = f"{E}: invalid quantization scheme"
     (_tensor("emb.weight", role="head"), f"{E}: 'role' must be one of embedding, attention, mlp, control, other, "
                                          f"got 'head'"),
     (_tensor("emb.weight", data=[3, 0, 16]), f"{E}: has 'data' and 'q': exactly one storage form is allowed"),
-    (_drop("emb.weight", "q"), f"{E}: has none of alias, data, q: exactly one storage form is allowed"),
+    (_drop("emb.weight", "q"), f"{E}: has none of alias, data, q, stack: exactly one storage form is allowed"),
     (_tensor("gain", codes=[0, 0, 1]), "tensor gain: 'codes' is no part of a tensor stored as 'data'"),
     # aliases
     (_tensor("head.weight", alias="head.weight"), "tensor head.weight: an alias of itself"),
@@ -261,10 +261,11 @@ Q = f"{E}: invalid quantization scheme"
     (_q("emb.weight", sdtype="f64"), f"{Q}: 'sdtype' must be one of f16, bf16, f32, got 'f64'"),
     (lambda h: tensor(h, "emb.weight")["q"].pop("clip"), f"{Q}: 'clip' must be a string, missing"),
     (_tensor("emb.weight", dtype="i8"), f"{Q}: a i8 tensor cannot be quantized (dtype must be one of f32, f16, "
-                                        f"bf16, f64)"),
+                                        f"bf16, f64, f8e4m3, f8e5m2)"),
     # stored as-is or cast
     (_tensor("gain", store="f8"), f"tensor gain: 'store' must be one of {DTYPE_NAMES}, got 'f8'"),
-    (_tensor("gain", store="i16"), "tensor gain: 'store' i16 cannot hold a f32 tensor (one of f32, f16, bf16, f64)"),
+    (_tensor("gain", store="i16"), "tensor gain: 'store' i16 cannot hold a f32 tensor (one of f32, f16, bf16, f64, "
+                                   "f8e4m3, f8e5m2)"),
     (_tensor("step", store="f64"), "tensor step: 'store' must equal its dtype i64 for an integer or bool tensor, "
                                    "got f64"),
     # parts

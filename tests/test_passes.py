@@ -120,7 +120,7 @@ def test_encode_groups_by_role(fixture_sd):
 
 def test_pipeline_log_records_each_pass(fixture_small):
     state = pipeline.run(state_of(fixture_small))
-    assert [r.name for r in state.log] == ["tie", "classify", "plan", "allocate", "quantize", "gptq", "lowrank",
+    assert [r.name for r in state.log] == ["tie", "classify", "stack", "plan", "allocate", "quantize", "gptq", "lowrank",
                                            "pack", "encode"]
     assert state.log[0].bytes_in == sum(t.numel() * t.element_size() for t in fixture_small.values())
     assert state.log[-1].bytes_out == sum(len(s.stored) for s in state.sections) < state.log[0].bytes_in

@@ -190,13 +190,13 @@ def predicted_loss(state: State) -> float:
             w_hat = quant.as_matrix(e.tensor.to(torch_dtype(e.plan.store)))
         else:
             w_hat = quant.dequantize(e.codes, e.scales, e.plan.quant.group, torch.float32, w.shape, e.lowrank)
-        total += state.sensitivities[e.name] * lowrank.output_error(w - w_hat, state.hessians.get(e.name))
+        total += state.sensitivities[e.name] * lowrank.output_error(w - w_hat, state.hessian_of(e)[0])
     return total
 
 
 def gptq_config_for(state: State, e) -> gptq.GPTQConfig | None:
     """How the gptq pass will refine this tensor's codes; None where it keeps round-to-nearest."""
-    if e.plan.method != "gptq" or e.name not in state.hessians:
+    if e.plan.method != "gptq" or state.hessian_of(e)[0] is None:
         return None
     g = state.recipe.gptq
     return gptq.GPTQConfig(block_size=g.block_size, damp=g.damp, act_order=g.act_order, device=state.device)
@@ -206,6 +206,19 @@ def allocatable(state: State) -> list:
     """Entries the budget decides: quantized by the recipe's defaults (no [[rules]] entry matched them)."""
     return [e for e in state.entries
             if e.plan is not None and e.plan.scheme == "int" and e.plan.reason == "defaults"]
+
+
+def check_sensitivities(state: State):
+    """Every tensor the budget decides needs a measured sensitivity; the error says what is missing and why."""
+    missing = [e.name for e in allocatable(state) if e.name not in state.sensitivities]
+    if not missing:
+        return
+    if not state.sensitivities:
+        raise SqueezeError(f"{missing[0]}: no sensitivity measured; a budget needs calibration (--calib or "
+                           f"--calib-self)")
+    raise SqueezeError(f"{missing[0]}: calibration measured no sensitivity for it ({len(missing)} of the "
+                       f"{len(allocatable(state))} tensors the budget decides lack one; it probed "
+                       f"{len(state.sensitivities)}: squeeze.calibrate.matrix_names lists what a budget needs)")
 
 
 def plan_of(plan: Plan, o: Option) -> Plan:
@@ -222,12 +235,9 @@ def run(state: State, config: AllocateConfig = AllocateConfig()) -> State:
     if state.allocation_pool is None:
         return state
     entries = allocatable(state)
-    missing = [e.name for e in entries if e.name not in state.sensitivities]
-    if missing:
-        raise SqueezeError(f"{missing[0]}: no sensitivity measured; a budget needs calibration (--calib or "
-                           f"--calib-self)")
+    check_sensitivities(state)
     options = {e.name: state.allocation_options.get(e.name) or
-               options_for(e, state.sensitivities[e.name], config, state.hessians.get(e.name),
+               options_for(e, state.sensitivities[e.name], config, state.hessian_of(e)[0],
                            gptq_config_for(state, e)) for e in entries}
     chosen = allocate(options, state.allocation_pool)
     out = []

@@ -67,16 +67,16 @@ def refine(e, hessian: torch.Tensor, config: GPTQConfig):
     """The entry with GPTQ codes if they lower the layer loss, else unchanged; its note says which and by how much."""
     spec = e.plan.quant
     rows, cols = quant.matrix_shape(e.shape)
-    if hessian.shape != (cols, cols):
-        raise SqueezeError(f"{e.name}: calibration Hessian is {tuple(hessian.shape)}, the tensor has {cols} inputs")
     w = e.tensor.detach().reshape(rows, cols).float()
     scale_full = quant.expand_scales(e.scales.reshape(rows, -1), spec.group, cols).expand(rows, cols)
     rtn_loss = layer_loss(w, e.codes.float() * scale_full, hessian)
     codes = gptq_codes(w, scale_full, spec.qmax, hessian, config)
     gptq_loss = layer_loss(w, codes.float() * scale_full, hessian)
     if gptq_loss >= rtn_loss:
-        return dataclasses.replace(e, note=f"gptq kept round-to-nearest (layer loss {gptq_loss:.4g} ≥ {rtn_loss:.4g})")
-    return dataclasses.replace(e, codes=codes, note=f"gptq: layer loss {gptq_loss / rtn_loss:.3f}× round-to-nearest")
+        return dataclasses.replace(e, method_used="rtn", note=f"round-to-nearest: GPTQ was not better on the layer "
+                                                               f"loss ({gptq_loss:.4g} ≥ {rtn_loss:.4g})")
+    return dataclasses.replace(e, codes=codes, method_used="gptq",
+                               note=f"gptq: layer loss {gptq_loss / rtn_loss:.3f}× round-to-nearest")
 
 
 def run(state: State, config: GPTQConfig = GPTQConfig()) -> State:
@@ -88,8 +88,12 @@ def run(state: State, config: GPTQConfig = GPTQConfig()) -> State:
     out = []
     for e in state.entries:
         if e.name in wanted:
-            h = state.hessians.get(e.name)
-            e = refine(e, h, config) if h is not None else dataclasses.replace(
-                e, note="gptq: no calibration Hessian (not the weight of an nn.Linear); round-to-nearest")
+            h, why = state.hessian_of(e)
+            if h is not None:
+                e = refine(e, h, config)
+            elif state.strict_calib:
+                raise SqueezeError(f"{e.name}: {why} (--strict-calib)")
+            else:
+                e = dataclasses.replace(e, method_used="rtn", note=f"round-to-nearest: {why}")
         out.append(e)
     return dataclasses.replace(state, entries=tuple(out))

@@ -81,6 +81,6 @@ def run(state: State, config: LowRankConfig = LowRankConfig()) -> State:
     out = []
     for e in state.entries:
         if e.plan is not None and e.plan.scheme == "int" and e.plan.lowrank_rank > 0 and e.numel > 0:
-            e = correct(e, state.hessians.get(e.name), config)
+            e = correct(e, state.hessian_of(e)[0], config)
         out.append(e)
     return dataclasses.replace(state, entries=tuple(out))

@@ -53,4 +53,9 @@ def run(state: State, config: TieConfig = TieConfig()) -> State:
         if config.identical:
             by_bytes.setdefault(_key(e.dtype, e.shape, data), (e.name, t))
         out.append(e)
-    return dataclasses.replace(state, entries=tuple(out))
+    # calibration keys a tied weight by the name the model uses it under, which may be the alias
+    hessians = dict(state.hessians)
+    for e in out:
+        if e.alias_of is not None and not e.transposed and e.name in hessians and e.alias_of not in hessians:
+            hessians[e.alias_of] = hessians.pop(e.name)
+    return dataclasses.replace(state, entries=tuple(out), hessians=hessians)

@@ -15,7 +15,9 @@ from ..loader import read_artifact
 def check_same_tensors(artifact_path, checkpoint_path, checkpoint: dict) -> None:
     """The artifact holds exactly the checkpoint's tensor names, with the same shapes; else one line naming the
     first difference of each kind."""
-    stored = {t["name"]: list(t["shape"]) for t in read_artifact(artifact_path).tensors}
+    tensors = read_artifact(artifact_path).tensors
+    slices = {name for t in tensors for name in t.get("stack", ())}  # format 1.3: parts of a stack, not tensors
+    stored = {t["name"]: list(t["shape"]) for t in tensors if t["name"] not in slices}
     only_artifact = [n for n in stored if n not in checkpoint]
     only_checkpoint = [n for n in checkpoint if n not in stored]
     if only_artifact or only_checkpoint:

@@ -1,0 +1,182 @@
+"""Operand-level calibration (squeeze/operands.py, squeeze/calibrate.py) on the fixture's real weights and text:
+every matrix the forward multiplies by gets the Gram matrix of the rows that meet it, whatever the architecture
+(nn.Linear, a tied head's F.linear, slices of 3-D banks, loops, a wrapper's prefixed names, x @ W.T), checked
+against direct computations; what calibration cannot attribute is reported with its reason."""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from squeeze import calibrate
+from squeeze.data import read_shard
+from squeeze.models.pgolf import GPT, rms_norm
+
+from conftest import FIXTURES
+
+VAL = torch.from_numpy(read_shard(FIXTURES / "val_000000.bin"))
+TOKENS = calibrate.windows_of(VAL, 64, 64 * 6)  # 6 windows of 64 real tokens
+
+
+def _banked():
+    spec = importlib.util.spec_from_file_location("banked_gpt", FIXTURES / "banked_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+banked_gpt = _banked()
+
+
+@pytest.fixture(scope="module")
+def baseline(fixture_sd):
+    return GPT.from_state_dict({k: v.float() for k, v in fixture_sd.items()}).eval()
+
+
+@pytest.fixture(scope="module")
+def baseline_calibration(baseline):
+    return calibrate.calibrate(baseline, TOKENS, batch_size=4)
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    rows = rows.reshape(-1, rows.shape[-1]).double()
+    return rows.T @ rows / rows.shape[0]
+
+
+@torch.no_grad()
+def _linear_inputs(model: nn.Module) -> dict:
+    """{weight name: Gram of every input row}, from forward hooks on nn.Linear: the old, narrower calibration."""
+    rows, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, key=f"{name}.weight": rows.setdefault(key, []).append(inp[0].reshape(
+                    -1, inp[0].shape[-1]))))
+    model(TOKENS)
+    for h in hooks:
+        h.remove()
+    return {k: _gram(torch.cat(v)) for k, v in rows.items()}
+
+
+def test_every_linear_hessian_equals_its_inputs_gram(baseline, baseline_calibration):
+    expected = _linear_inputs(baseline)
+    h = baseline_calibration.hessians
+    assert set(expected) < set(h)
+    for name, gram in expected.items():
+        assert torch.allclose(h[name], gram, rtol=1e-9, atol=1e-12), name
+
+
+@torch.no_grad()
+def test_tied_head_gets_the_final_norm_gram(baseline, baseline_calibration):
+    """The head is F.linear(x, tok_emb.weight): its rows are the final-norm output, found without any hook."""
+    finals = []
+    x = rms_norm(baseline.tok_emb(TOKENS))
+    x0, skips = x, []
+    for block in baseline.blocks[: baseline.num_encoder_layers]:
+        x = block(x, x0)
+        skips.append(x)
+    for i, block in enumerate(baseline.blocks[baseline.num_encoder_layers:]):
+        if skips:
+            x = x + baseline.skip_weights[i] * skips.pop()
+        x = block(x, x0)
+    finals.append(rms_norm(x))
+    h = baseline_calibration.hessians["tok_emb.weight"]
+    assert torch.allclose(h, _gram(finals[0]), rtol=1e-7, atol=1e-10)
+    assert baseline_calibration.skipped == {}
+
+
+@pytest.fixture(scope="module")
+def banked_sd(fixture_sd):
+    return banked_gpt.bank_state_dict(fixture_sd)
+
+
+def test_bank_slices_get_the_hessians_of_the_layers_they_hold(fixture_sd, banked_sd, baseline_calibration):
+    """The banked re-layout of the same trained weights: slice qo_bank[i] is layer i's c_q, qo_bank[L+i] its out
+    projection, ...; F.linear(x, bank[i].to(dtype)) is followed through the index and the cast."""
+    model = banked_gpt.build(banked_sd, {})
+    cal = calibrate.calibrate(model, TOKENS, batch_size=4, forward=model.forward_logits, names=list(banked_sd))
+    ref, L = baseline_calibration.hessians, 4
+    pairs = {"tok_emb.weight": "tok_emb.weight"}
+    for i in range(L):
+        b = f"blocks.{i}"
+        pairs.update({f"qo_bank[{i}]": f"{b}.attn.c_q.weight", f"qo_bank[{L + i}]": f"{b}.attn.proj.weight",
+                      f"kv_bank[{i}]": f"{b}.attn.c_k.weight", f"kv_bank[{L + i}]": f"{b}.attn.c_v.weight",
+                      f"mlp_up_bank[{i}]": f"{b}.mlp.fc.weight", f"mlp_down_bank[{i}]": f"{b}.mlp.proj.weight"})
+    assert sorted(cal.hessians) == sorted(pairs)
+    for key, name in pairs.items():
+        assert torch.allclose(cal.hessians[key], ref[name], rtol=1e-6, atol=1e-9), key
+
+
+def test_a_wrapper_prefix_keeps_the_checkpoint_names(banked_sd):
+    plain = banked_gpt.build(banked_sd, {})
+    wrapped = banked_gpt.build(banked_sd, {"wrap": True})
+    assert next(iter(dict(wrapped.named_parameters()))).startswith("model.")
+    a = calibrate.calibrate(plain, TOKENS[:2], forward=plain.forward_logits, names=list(banked_sd))
+    b = calibrate.calibrate(wrapped, TOKENS[:2], forward=wrapped.forward_logits, names=list(banked_sd))
+    assert sorted(a.hessians) == sorted(b.hessians)
+    assert all(torch.equal(a.hessians[k], b.hessians[k]) for k in a.hessians)
+
+
+@torch.no_grad()
+def test_a_looped_layer_sums_over_its_passes(banked_sd):
+    """loops [0, 1, 3]: layer 0 runs three times per forward; its Hessians average the rows of all three passes."""
+    model = banked_gpt.build(banked_sd, {"loops": [0, 1, 3]})
+    rows = []
+    original = model.blocks[0].forward
+
+    def spy(x, x0, *weights):  # the attention input of every pass of layer 0 (c_q meets rms_norm of the mix)
+        mix = model.blocks[0].resid_mix
+        rows.append(rms_norm(mix[0] * x + mix[1] * x0))
+        return original(x, x0, *weights)
+
+    model.blocks[0].forward = spy
+    cal = calibrate.calibrate(model, TOKENS[:2], forward=model.forward_logits, names=list(banked_sd))
+    assert len(rows) == 3
+    assert torch.allclose(cal.hessians["qo_bank[0]"], _gram(torch.cat(rows)), rtol=1e-7, atol=1e-10)
+
+
+class _Products(nn.Module):
+    """Real fixture matrices used in the ways models write products."""
+
+    def __init__(self, sd):
+        super().__init__()
+        self.w = nn.Parameter(sd["blocks.0.attn.c_q.weight"].float().clone())       # x @ w.T, then F.linear
+        self.u = nn.Parameter(sd["blocks.1.attn.c_q.weight"].float().clone())       # u @ h (columns of h)
+        self.t = nn.Parameter(sd["blocks.2.attn.c_q.weight"].float().clone())       # h @ t: its rows meet h
+        self.e = nn.Parameter(sd["blocks.3.attn.c_q.weight"].float().clone())       # einsum
+        self.unused = nn.Parameter(sd["blocks.0.attn.c_k.weight"].float().clone())
+
+    def forward(self, x):
+        h1 = x @ self.w.T
+        h2 = F.linear(h1.bfloat16(), self.w.to(torch.bfloat16)).float()
+        h3 = (self.u @ h2.mT).mT
+        h4 = h3 @ self.t
+        return torch.einsum("btd,ed->bte", h4, self.e)
+
+
+@torch.no_grad()
+def test_products_of_every_form_and_the_reasons_for_the_rest(fixture_sd, baseline):
+    m = _Products(fixture_sd)
+    x = rms_norm(baseline.tok_emb(TOKENS[:2]))
+    hessians, skipped = calibrate.collect_hessians(m, [x])
+    h1 = x @ m.w.T
+    h2 = F.linear(h1.bfloat16(), m.w.to(torch.bfloat16)).float()
+    assert torch.allclose(hessians["w"], _gram(torch.cat([x.reshape(-1, 256), h1.bfloat16().float().reshape(-1, 256)])),
+                          rtol=1e-6)
+    assert torch.allclose(hessians["u"], _gram(h2), rtol=1e-9)
+    assert sorted(hessians) == ["u", "w"]
+    assert "rows, not its columns" in skipped["t"]
+    assert "einsum" in skipped["e"]
+    assert "unused" not in skipped  # never multiplied: compile names it (no Hessian, never multiplied by)
+
+
+def test_sensitivities_of_slices_perturb_only_their_slice(banked_sd):
+    model = banked_gpt.build(banked_sd, {})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sens = calibrate.sensitivities(model, TOKENS[:2], ["qo_bank[1]", "mlp_up_bank[3]", "tok_emb.weight"],
+                                   forward=model.forward_logits, checkpoint_names=list(banked_sd))
+    assert sorted(sens) == ["mlp_up_bank[3]", "qo_bank[1]", "tok_emb.weight"]
+    assert all(v > 0 for v in sens.values())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # every probe is undone exactly
