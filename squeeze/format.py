@@ -13,7 +13,7 @@ from . import codecs, packing
 from .packing import unshuffle
 from .dtypes import DTYPES, FLOAT_CODES, FP8_CODES, itemsize
 from .errors import FormatError
-from .quant import matrix_shape, n_groups
+from .quant import matrix_shape, n_groups, numel
 
 MAGIC = b"SQZ\x00"
 VERSION = (1, 3)          # the newest this reader reads; write() puts the lowest that describes the file
@@ -228,13 +228,6 @@ def _require_choice(what: str, obj: dict, key: str, choices) -> str:
     return value
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Header structure
 
@@ -295,17 +288,17 @@ def _check_section_fields(s: dict, what: str):
 
 def expected_part_sizes(t: dict) -> dict:
     """Byte length each part of a tensor must have, from its shape and scheme."""
-    numel = _numel(t["shape"])
+    n = numel(t["shape"])
     if "q" in t:
         rows, cols = matrix_shape(t["shape"])
         q = t["q"]
-        sizes = {"codes": packing.packed_size(numel, q["bits"], q["pack"]),
+        sizes = {"codes": packing.packed_size(n, q["bits"], q["pack"]),
                  "scales": rows * n_groups(cols, q["group"]) * itemsize(q["sdtype"])}
         if "rank" in q:
             sizes["lowrank"] = q["rank"] * (rows + cols) * itemsize(q["ldtype"])
         return sizes
     if "data" in t:
-        return {"data": numel * itemsize(t["store"])}
+        return {"data": n * itemsize(t["store"])}
     return {}
 
 
@@ -350,7 +343,7 @@ def _check_common_fields(t, i: int, entries: dict, source: str) -> str:
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(s, 0, MAX_NUMEL) for s in shape)):
         raise FormatError(f"{what}: invalid shape {_show(shape)}: must be a list of at most {MAX_DIMS} integers "
                           f"in 0..{MAX_NUMEL}")
-    if _numel(shape) >= MAX_NUMEL:
+    if numel(shape) >= MAX_NUMEL:
         raise FormatError(f"{what}: shape {shape} has too many elements (at most {MAX_NUMEL - 1})")
     _require_choice(what, t, "dtype", tuple(DTYPES))
     _require_choice(what, t, "role", ROLES)
@@ -380,7 +373,7 @@ def _check_stack(t: dict, entries: dict, stacked: dict, what: str):
     slices, shape = t["stack"], t["shape"]
     if len(shape) < 3:
         raise FormatError(f"{what}: a stack must have at least 3 dims, its shape is {shape}")
-    n = _numel(shape[:-2])
+    n = numel(shape[:-2])
     if not (isinstance(slices, list) and len(slices) == n and all(_is_name(s) for s in slices)):
         raise FormatError(f"{what}: invalid stack {_show(slices)}: must be a list of the names of its {n} slices")
     for name in slices:
@@ -496,7 +489,7 @@ def _check_part_reference(t: dict, kind: str, size: int, what: str, n_sections: 
 
 def _check_output_size(entries, source: str, max_decoded: int):
     """The tensors load() returns fit the bound: a stored tensor or a transposed alias (a copy) costs its bytes."""
-    total = sum(_numel(t["shape"]) * itemsize(t["dtype"]) for t in entries if "alias" not in t or t["t"])
+    total = sum(numel(t["shape"]) * itemsize(t["dtype"]) for t in entries if "alias" not in t or t["t"])
     if total > max_decoded:
         raise FormatError(f"{source}: tensors decode to {total:,} bytes, more than {max_decoded:,}, this reader's "
                           f"bound (load(..., max_decoded_bytes=N) reads larger artifacts)")

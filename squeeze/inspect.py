@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import codecs, format
+from . import codecs, format, quant
 from .codecs import rans
 from .errors import SqueezeError
 from .loader import read_artifact
@@ -49,6 +49,7 @@ class Drift:
     ratio: float | None = None           # measured_loss / predicted_loss
     tokens: int | None = None            # validation predictions verify scored
     val: str | None = None               # the validation shards' glob
+    bytes: str | None = None             # verify's byte counts: "tokenizer LUT" or "sidecar GLOB" (CaseOps)
     report: str | None = None            # the verify report the measured figures come from
     note: str | None = None              # why a verify report was not used (one line)
 
@@ -145,6 +146,7 @@ def drift_of(meta: dict, sha256: str, verify_report=None) -> Drift:
         return drift
     drift.measured_loss, drift.measured_bpb = measured.loss_increase, measured.bpb_drift
     drift.tokens, drift.val, drift.report = measured.tokens, measured.val, str(verify_report)
+    drift.bytes = measured.bytes
     if drift.predicted_loss:  # a zero prediction has no meaningful ratio
         drift.ratio = drift.measured_loss / drift.predicted_loss
     return drift
@@ -185,9 +187,7 @@ def inspect(path_or_bytes, verify_report=None) -> Report:
                          "entropy_bytes": round(entropy, 1), "overhead_bytes": sum(overheads)})
     tensors, roles, params = [], {}, 0
     for t in art.tensors:
-        numel = 1
-        for d in t["shape"]:
-            numel *= d
+        numel = quant.numel(t["shape"])
         counted = "alias" not in t and "stack" not in t  # a stack's parameters are its slices
         params += numel if counted else 0
         b = attributed.get(t["name"], 0)
@@ -262,7 +262,8 @@ def render_drift(d: Drift) -> list:
     if d.measured_loss is not None:
         ratio = f"; measured/predicted {d.ratio:.2f}" if d.ratio is not None else ""
         lines.append(f"measured loss increase  {d.measured_loss:+.6f} nats/token, val_bpb {d.measured_bpb:+.6f}{ratio}")
-        lines.append(f"  (squeeze verify on {d.tokens:,} tokens of {d.val}: {d.report})")
+        sidecar = f", bytes: {d.bytes}" if d.bytes and d.bytes != "tokenizer LUT" else ""  # the LUT goes unsaid
+        lines.append(f"  (squeeze verify on {d.tokens:,} tokens of {d.val}{sidecar}: {d.report})")
     elif d.predicted_loss is not None and d.note is None:
         lines.append("measured loss increase  - (no verify report: run squeeze verify on this artifact)")
     if d.note:

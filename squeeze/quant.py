@@ -35,15 +35,21 @@ class QuantSpec:
         return self.clip
 
 
+def numel(shape) -> int:
+    """Elements of a tensor of this shape (a list, tuple or torch.Size; 1 for a 0-D shape)."""
+    n = 1
+    for s in shape:  # a plain loop, not math.prod over a generator: torch.compile traces the fake-quant through it
+        n *= int(s)
+    return n
+
+
 def matrix_shape(shape) -> tuple[int, int]:
     """The [R, C] matrix view of a tensor: rows are the first dim; 0-D and 1-D tensors are one row."""
-    numel = 1
-    for s in shape:
-        numel *= int(s)
+    n = numel(shape)
     if len(shape) < 2:
-        return 1, numel
+        return 1, n
     rows = int(shape[0])
-    return rows, (numel // rows if rows else 0)
+    return rows, (n // rows if rows else 0)
 
 
 def n_groups(cols: int, group: int) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import quant
 from .recipe import Recipe
 
 
@@ -44,10 +45,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= int(s)
-        return n
+        return quant.numel(self.shape)
 
 
 @dataclass(frozen=True)
@@ -83,6 +81,8 @@ class State:
     allocated_bytes: float = 0.0        # the allocate pass's estimate of what it spent
     predicted_loss: float | None = None  # predicted loss increase of a budget compile (allocate.predicted_loss)
     device: str = "cpu"                 # where passes that can use an accelerator compute (GPTQ)
+    # (tensor, grid, config) -> GPTQ's result, shared by the rounds of one budget compile (passes/gptq.py)
+    gptq_memo: dict | None = field(default=None, compare=False, repr=False)
     sections: tuple = ()
     log: tuple = ()
 

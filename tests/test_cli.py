@@ -35,7 +35,7 @@ def test_compile_inspect_emit_decoder_end_to_end(tmp_path):
         == out.stat().st_size
     r = run("emit-decoder", out, "-o", tmp_path / "decode.py")
     assert r.returncode == 0 and "bytes" in r.stdout
-    code = "import decode, squeeze, torch; a = decode.load('model.sqz'); b = squeeze.load('model.sqz'); " \
+    code = "import decode, squeeze, torch; a = decode.squeeze_load('model.sqz'); b = squeeze.load('model.sqz'); " \
            "print(len(a), all(torch.equal(a[k], b[k]) for k in a))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.stdout.split() == [str(len(torch.load(CKPT, weights_only=True))), "True"], r.stderr

@@ -69,3 +69,81 @@ def test_shuffle_round_trip(width):
     assert packing.unshuffle(shuffled, width) == data
     if width == 2:
         assert shuffled[:64] == data[0::2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The codec protocol, checked at import (squeeze/codecs/__init__.py)
+
+def _codec_module(name="fake", **attrs):
+    """A codec module that follows the protocol, with `attrs` replaced (None: removed)."""
+    import types
+    m = types.ModuleType(f"squeeze.codecs.{name}")
+    m.ID, m.NAME, m.DECODE_ERRORS = 200, name, (ValueError,)
+    m.DECODER_IMPORT, m.DECODER_EXPR = "import fake", "lambda b,n,l:b"
+    m.encode = lambda raw, params: bytes(raw)
+    m.decode = lambda stored, raw_size: bytes(stored)
+    for k, v in attrs.items():
+        if v is None:
+            delattr(m, k)
+        else:
+            setattr(m, k, v)
+    return m
+
+
+def test_the_registered_codecs_follow_the_protocol():
+    assert codecs.NAMES == ("raw", "zlib", "zstd", "brotli", "lzma", "rans")  # recipes list them in this order
+    assert sorted(codecs.BY_ID) == list(range(len(codecs.NAMES)))
+    for name in codecs.NAMES:
+        codecs.check_protocol(codecs.get(name))
+    assert codecs.registry([_codec_module()])[0]["fake"].ID == 200
+
+
+@pytest.mark.parametrize("attrs, message", [
+    (dict(DECODER_EXPR=None), "missing DECODER_EXPR"),
+    (dict(decode=None), "missing decode"),
+    (dict(DECODE_ERRORS=None), "missing DECODE_ERRORS"),
+    (dict(ID=256), "ID = 256"),
+    (dict(ID=True), "ID = True"),
+    (dict(NAME="Zip"), "NAME = 'Zip'"),
+    (dict(NAME="auto"), "NAME = 'auto'"),
+    (dict(USES_LAYOUT=1), "USES_LAYOUT = 1"),
+    (dict(USES_LAYOUT=True), r"encode must be a function of \(raw, params, layout\)"),
+    (dict(USES_LAYOUT=True, encode=lambda raw, params, layout: raw),
+     r"decode must be a function of \(stored, raw_size, layout\)"),
+    (dict(encode=lambda raw: raw), r"encode must be a function of \(raw, params\)"),
+    (dict(encode="zlib"), "encode must be a function"),
+    (dict(DECODE_ERRORS=(Exception,)), "DECODE_ERRORS must name the library.s own error types, not Exception"),
+    (dict(DECODE_ERRORS=ValueError), "DECODE_ERRORS = .*: expected a tuple of exception types"),
+    (dict(DECODER_IMPORT="import a, b"), "DECODER_IMPORT = .import a, b.: expected"),
+    (dict(DECODER_EXPR="lambda b,n,l:"), "DECODER_EXPR is not valid Python"),
+    (dict(DECODER_DEF="def R(b,n,l)\n return b\n"), "DECODER_DEF is not valid Python"),
+])
+def test_a_broken_codec_module_fails_at_import_naming_module_and_attribute(attrs, message):
+    with pytest.raises(codecs.CodecProtocolError, match=f"codec module squeeze.codecs.fake: {message}"):
+        codecs.registry([_codec_module(**attrs)])
+
+
+def test_codec_ids_and_names_are_unique():
+    with pytest.raises(codecs.CodecProtocolError, match="codec module squeeze.codecs.lz4: ID 5 is already taken "
+                                                        "by squeeze.codecs.rans"):
+        codecs.registry([codecs.get("rans"), _codec_module("lz4", ID=5)])
+    with pytest.raises(codecs.CodecProtocolError, match="squeeze.codecs.zlib2: NAME 'zlib' is already taken"):
+        codecs.registry([codecs.get("zlib"), _codec_module("zlib2", NAME="zlib", ID=9)])
+
+
+def test_only_the_codec_libraries_errors_become_format_errors(monkeypatch):
+    """A damaged stream is a FormatError; a bug in a codec's own decoder (any other exception) is not disguised."""
+    rans = codecs.get("rans")
+    layout = [(4, 4)]
+    stored = codecs.encode("rans", bytes(range(16)), FAST, layout)
+    with pytest.raises(FormatError, match="section r: rans: stream is truncated"):
+        codecs.decode("rans", stored[:-2] + b"\0", 16, "section r", layout)
+
+    def buggy(*args):
+        raise IndexError("a bug")
+    monkeypatch.setattr(rans, "decode_symbols", buggy)
+    with pytest.raises(IndexError, match="a bug"):
+        codecs.decode("rans", stored, 16, "section r", layout)
+    monkeypatch.setattr(codecs.get("zlib"), "decode", buggy)
+    with pytest.raises(IndexError):
+        codecs.decode("zlib", b"", 0, "section z")

@@ -161,7 +161,7 @@ def test_a_1_2_file_with_an_fp8_code_is_refused(tmp_path, fixture_small):
     namespace = {}
     exec(decoder.emit(["brotli", "rans"], minor=2), namespace)
     with pytest.raises(ValueError, match="not a squeeze v1.0-1.2 artifact"):
-        namespace["load"](str(tmp_path / "m.sqz"))
+        namespace["squeeze_load"](str(tmp_path / "m.sqz"))
 
 
 def test_scales_and_lowrank_factors_are_never_fp8(fixture_small):

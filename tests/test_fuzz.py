@@ -13,7 +13,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from squeeze import recipe
+from squeeze import codecs, recipe
 from squeeze.errors import RecipeError
 
 from bench.fuzz_artifacts import (STRUCTURAL, TinyDecoder, assemble_any, check_inspect, check_load,
@@ -103,7 +103,7 @@ def test_the_fuzz_seeds_cover_every_codec_and_packing(seeds):
         codecs_used |= {s["codec"] for s in header["sections"]}
         packs_used |= {t["q"]["pack"] for t in header["tensors"] if "q" in t}
         assert check_load(blob) == "ok"
-    assert codecs_used == {"raw", "zlib", "zstd", "brotli", "lzma", "rans"} and packs_used == {"byte", "dense"}
+    assert codecs_used == set(codecs.NAMES) and packs_used == {"byte", "dense"}  # a new codec needs a seed
 
 
 def test_a_replayed_case_is_the_same_case(seeds):

@@ -342,7 +342,7 @@ def tiny_error(tiny, tmp_path, data: bytes) -> ValueError:
     path = tmp_path / "m.sqz"
     path.write_bytes(data)
     with pytest.raises(ValueError) as err:
-        tiny.load(str(path))
+        tiny.squeeze_load(str(path))
     assert err.value.__suppress_context__  # no "during handling of the above exception" chain
     return str(err.value).replace(str(path), "P")
 
@@ -357,11 +357,12 @@ def tiny_error(tiny, tmp_path, data: bytes) -> ValueError:
     (lambda b: _with_preamble(b, codec=9), "squeeze: P: malformed artifact IndexError('list index out of range')"),
     (lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:], "squeeze: P: header checksum mismatch"),
     (lambda b: b[:-1], "squeeze: P: section 'raw.bool' checksum mismatch"),
-    (lambda b: edited(b, _section(3, codec="\nraw")), r"squeeze: codec '\nraw' not in this decoder"),
+    (lambda b: edited(b, _section(3, codec="\nraw")), r"squeeze: P: codec '\nraw' not in this decoder"),
     (lambda b: b + b"\x00", "squeeze: P: bad length"),
     (lambda b: edited(b, lambda h: h.pop("sections")), "squeeze: P: malformed artifact KeyError('sections')"),
     (lambda b: edited(b, _tensor("gain", data=[3, 0, 15])),
-     "squeeze: P: malformed artifact ValueError('buffer size must be a multiple of element size')"),
+     "squeeze: P: malformed artifact ValueError('buffer length (15 bytes) after offset (0 bytes) must be a multiple "
+     "of element size (2)'"),
     (lambda b: edited(b, _tensor("emb.weight", dtype="f8")), "squeeze: P: malformed artifact KeyError('f8')"),
     (lambda b: edited(b, _q("emb.weight", bits=2**34)), "squeeze: P: bad bits"),
     (lambda b: with_raw_header(parts_of(b), b"{\xff"),
@@ -381,11 +382,11 @@ def test_tiny_decoder_refuses_shapes_that_overflow(tiny, tmp_path, blob, shape):
 def test_tiny_decoder_reads_hostile_groups_and_empty_rows(tiny, tmp_path, blob):
     wide = edited(blob, _q("emb.weight", group=2**40))
     (tmp_path / "wide.sqz").write_bytes(wide)
-    assert bitwise_equal(tiny.load(str(tmp_path / "wide.sqz"))["emb.weight"], squeeze.load(blob)["emb.weight"])
+    assert bitwise_equal(tiny.squeeze_load(str(tmp_path / "wide.sqz"))["emb.weight"], squeeze.load(blob)["emb.weight"])
     recipe = parse('[keep_float]\nmax_numel = 0\n[[rules]]\nmatch = "*"\nscheme = "int"\n', "int.toml")
     empty = squeeze.compile({"w": torch.zeros(0, 300), "v": torch.randn(4, 40)}, recipe)
     (tmp_path / "empty.sqz").write_bytes(empty)
-    assert tiny.load(str(tmp_path / "empty.sqz"))["w"].shape == (0, 300) == squeeze.load(empty)["w"].shape
+    assert tiny.squeeze_load(str(tmp_path / "empty.sqz"))["w"].shape == (0, 300) == squeeze.load(empty)["w"].shape
 
 
 def test_tiny_decoder_stays_small():

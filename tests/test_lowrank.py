@@ -89,7 +89,7 @@ def test_tiny_decoder_reads_1_2_and_a_1_1_decoder_refuses_it(tmp_path):
     exec(compile(old.read_text(), str(old), "exec"), namespace)
     (tmp_path / "m.sqz").write_bytes(blob)
     with pytest.raises(ValueError, match="not a squeeze v1.0-1.1 artifact"):
-        namespace["load"](str(tmp_path / "m.sqz"))
+        namespace["squeeze_load"](str(tmp_path / "m.sqz"))
 
 
 @pytest.fixture(scope="module")

@@ -180,3 +180,87 @@ def test_sensitivities_of_slices_perturb_only_their_slice(banked_sd):
     assert all(v > 0 for v in sens.values())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # every probe is undone exactly
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sensitivities, by value: the probe measures ½·zᵀ∇²L·z per unit of noise variance, z the noise it draws
+
+def _probe_draws(params: dict, names: list, noise: float = calibrate.PROBE_NOISE) -> dict:
+    """δ/σ of each probe's noise δ: standard normal draws from one generator seeded 0, one tensor after another in
+    `names` order, scaled to σ = noise·std(tensor) in float32 as probe scales them."""
+    g, out = torch.Generator().manual_seed(0), {}
+    for name in names:
+        sigma = noise * float(params[name].detach().float().std())
+        out[name] = (torch.randn(params[name].shape, generator=g) * sigma).double() / sigma
+    return out
+
+
+def _curvature(model: nn.Module, batch: torch.Tensor, p: torch.Tensor, z: torch.Tensor) -> float:
+    """½·zᵀ∇²L·z of the next-token loss on `batch` along z in parameter p: the exact second directional derivative,
+    by double backward (no finite difference)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernels have no double backward
+        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        grad, = torch.autograd.grad(loss, p, create_graph=True)
+        hz, = torch.autograd.grad((grad * z).sum(), p)
+    return 0.5 * float((hz * z).sum())
+
+
+@pytest.fixture(scope="module")
+def baseline64(fixture_sd):
+    """The fixture model in float64: its loss differences resolve a small probe's ΔL."""
+    return GPT.from_state_dict({k: v.double() for k, v in fixture_sd.items()}).double().eval()
+
+
+SMOOTH = ["blocks.3.mlp.proj.weight", "blocks.3.attn.c_v.weight", "tok_emb.weight"]  # loss smooth around them
+BENT = "blocks.3.mlp.fc.weight"  # its loss curves down along the probe's noise (relu² kinks follow it)
+
+
+def test_sensitivities_equal_the_loss_curvature_along_the_probe_noise(baseline64):
+    """The antithetic pair cancels the odd terms, so ΔL/σ² = ½·zᵀ∇²L·z + O(σ²): with a small probe on a float64 loss
+    it must equal the curvature double backward computes, to 1e-3; `sensitivities` (its float32 cross-entropy, the
+    probe noise of compile) to 2%. A tensor whose loss curves down measures nothing and is floored at 1% of the
+    median (no tensor looks free)."""
+    batch, names = TOKENS[:1], SMOOTH + [BENT]
+    params = calibrate.checkpoint_parameters(baseline64)
+    want = {n: _curvature(baseline64, batch, params[n], z) for n, z in _probe_draws(params, names, 1e-3).items()}
+    assert want[BENT] < 0 < min(want[n] for n in SMOOTH)
+
+    def loss() -> float:
+        return float(F.cross_entropy(baseline64(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()))
+    small = calibrate.probe(params, names, loss, noise=1e-3)
+    for n in SMOOTH:
+        assert small[n] == pytest.approx(want[n], rel=1e-3), n
+    assert small[BENT] == 0.0
+
+    sens = calibrate.sensitivities(baseline64, batch, names, noise=0.01)
+    for n in SMOOTH:
+        assert sens[n] == pytest.approx(want[n], rel=0.02), n
+    assert sens[BENT] == pytest.approx(0.01 * sorted(sens[n] for n in SMOOTH)[1], rel=1e-12)
+
+
+@torch.no_grad()
+def test_a_layer_output_loss_has_the_calibration_hessian_as_sensitivity(baseline, baseline_calibration):
+    """A quadratic loss whose Hessian is known: ½·mean‖(W' − W)·x‖² over the real inputs x of a fixture layer, whose
+    Hessian is calibration's E[x xᵀ]. The probe (noise of compile's size, exact here: no higher terms) gives
+    ½·Σ_r z_r H z_rᵀ for its own noise z, and ½·R·tr(H) in expectation (within 4 standard deviations of the
+    estimate: var(zᵀHz) = 2·tr(H²) per row)."""
+    name = "blocks.1.mlp.proj.weight"
+    rows = []
+    hook = baseline.blocks[1].mlp.proj.register_forward_hook(lambda m, inp, out: rows.append(inp[0]))
+    baseline(TOKENS)  # the tokens calibration saw
+    hook.remove()
+    x = rows[0].reshape(-1, rows[0].shape[-1]).double()
+    w0 = baseline.blocks[1].mlp.proj.weight.detach().double()
+    params = {name: w0.clone()}
+
+    def loss() -> float:
+        return float(0.5 * ((x @ (params[name] - w0).T) ** 2).sum(1).mean())
+    got = calibrate.probe(params, [name], loss)[name]
+    assert torch.equal(params[name], w0)  # the probe is undone
+    h, z = baseline_calibration.hessians[name], _probe_draws(params, [name])[name]
+    assert torch.allclose(_gram(x), h, rtol=1e-9)
+    assert got == pytest.approx(0.5 * float(((z @ h) * z).sum()), rel=1e-9)
+    rows_, trace = z.shape[0], float(h.trace())
+    spread = (2 * float((h @ h).trace()) / rows_) ** 0.5 / trace
+    assert abs(got / (0.5 * rows_ * trace) - 1) < 4 * spread

@@ -52,11 +52,12 @@ def test_text_report_and_the_max_drift_gate(artifact):
     assert ok.exit_code == 0, ok.output
     lines = ok.stdout.splitlines()
     assert lines[0].startswith(f"{artifact} vs {CKPT} on {VAL}: seq_len 256, non-overlapping; cpu fp32, 1 process")
-    assert lines[1].split() == ["weights", "val_loss", "val_bpb", "tokens", "bytes", "seconds"]
-    original, decoded, drift = (line.split() for line in lines[2:5])
+    assert lines[1] == "bytes: tokenizer LUT"  # no CaseOps sidecars beside the fixture's shard (test_caseops.py)
+    assert lines[2].split() == ["weights", "val_loss", "val_bpb", "tokens", "bytes", "seconds"]
+    original, decoded, drift = (line.split() for line in lines[3:6])
     assert original[0] == "original" and decoded[0] == "decoded" and original[3] == decoded[3] == "2,048"
     assert drift[0] == "drift" and float(drift[2]) == pytest.approx(float(decoded[2]) - float(original[2]), abs=2e-6)
-    assert lines[5] == f"artifact {artifact}: {artifact.stat().st_size:,} bytes, 2,101,776 params, " \
+    assert lines[6] == f"artifact {artifact}: {artifact.stat().st_size:,} bytes, 2,101,776 params, " \
                        f"{8 * artifact.stat().st_size / 2_101_776:.3f} bits/param"
     assert ok.stderr == ""  # not a terminal: no progress bar
 

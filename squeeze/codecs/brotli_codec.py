@@ -4,6 +4,7 @@ import brotli
 from ..errors import FormatError
 
 ID, NAME = 3, "brotli"
+DECODE_ERRORS = (brotli.error,)
 DECODER_IMPORT = "import brotli"
 DECODER_EXPR = "lambda b,n,l:brotli.Decompressor().process(b,output_buffer_limit=n+1)"
 

@@ -4,6 +4,7 @@ import lzma
 from ..errors import FormatError
 
 ID, NAME = 4, "lzma"
+DECODE_ERRORS = (lzma.LZMAError,)
 DECODER_IMPORT = "import lzma"
 DECODER_EXPR = "lambda b,n,l:lzma.LZMADecompressor().decompress(b,n+1)"
 

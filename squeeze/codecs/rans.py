@@ -6,7 +6,8 @@ from the section layout and chooses, per part, one table, or one table per class
 costs the fewest bytes including the tables and class indices.
 
 Decoding is vectorised over `lanes` interleaved states, so numpy alone decodes tens of millions of symbols a second;
-the emitted tiny decoder runs the same loop (squeeze/decoder.py). Encoding runs the same loop backwards.
+the emitted tiny decoder runs the same loop (DECODER_DEF at the end of this file, which squeeze/decoder.py pastes
+in). Encoding runs the same loop backwards.
 """
 import zlib
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ from ..errors import FormatError
 
 ID, NAME = 5, "rans"
 USES_LAYOUT = True
+DECODE_ERRORS = ()  # decode raises FormatError itself for every broken rule
 DECODER_IMPORT = ""
-DECODER_EXPR = "lambda b,n,l:R(b,n,l)"
+DECODER_EXPR = "R"  # DECODER_DEF's function, defined before the codec table
 
 PROB_BITS = 12          # M = 4096: tables are small (a decoder builds 3·M entries per table), coding loss < 0.1%
 STATE_LOW = 1 << 16     # states live in [2^16, 2^32); one 16-bit word is moved per renormalisation
@@ -229,6 +231,8 @@ def _slot_tables(tables: list, prob_bits: int) -> tuple[np.ndarray, np.ndarray]:
     """The decoder's lookup tables, per table and slot, concatenated: the slot's symbol, and its frequency f and
     slot − cum packed as f·2^P + (slot − cum) (one gather per symbol instead of two; both fit: f ≤ 2^P)."""
     m = 1 << prob_bits
+    if not tables:  # a stream of no symbols (an empty layout) may name no table
+        return np.zeros(0, np.uint8), np.zeros(0, np.uint32)
     sym, packed = [], []
     slots = np.arange(m, dtype=np.uint32)
     for f in tables:
@@ -477,7 +481,7 @@ def V(H):
  for t in H["tensors"]:
   for k in"codes","scales","data","lowrank":
    if k in t:
-    r=t[k];s=t["shape"];N=int(np.prod(s));y=s[0]if len(s)>1 else 1
+    r=t[k];s=t["shape"];N=int(np.prod(s));y=s[0]if s[1:]else 1
     Y.setdefault(r[0],[]).append((r[1],r[2],t["name"],(y,N//y if y else 0)if k=="codes"and t["q"]["pack"]=="byte"else(1,r[2])))
  return Y
 def R(b,n,l):

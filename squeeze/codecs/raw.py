@@ -1,5 +1,6 @@
 """raw: the bytes as they are (the codec a dense-packed section uses when nothing compresses it)."""
 ID, NAME = 0, "raw"
+DECODE_ERRORS = ()
 DECODER_IMPORT = ""
 DECODER_EXPR = "lambda b,n,l:b"
 

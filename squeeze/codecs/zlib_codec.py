@@ -4,6 +4,7 @@ import zlib
 from ..errors import FormatError
 
 ID, NAME = 1, "zlib"
+DECODE_ERRORS = (zlib.error,)
 DECODER_IMPORT = ""  # the tiny decoder imports zlib anyway, for CRC-32
 DECODER_EXPR = "lambda b,n,l:zlib.decompressobj().decompress(b,n+1)"
 

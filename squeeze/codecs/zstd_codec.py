@@ -4,6 +4,7 @@ import io
 import zstandard
 
 ID, NAME = 2, "zstd"
+DECODE_ERRORS = (zstandard.ZstdError,)
 DECODER_IMPORT = "import zstandard,io"
 DECODER_EXPR = "lambda b,n,l:zstandard.ZstdDecompressor().stream_reader(io.BytesIO(b)).read(n+1)"
 

@@ -198,8 +198,7 @@ def gptq_config_for(state: State, e) -> gptq.GPTQConfig | None:
     """How the gptq pass will refine this tensor's codes; None where it keeps round-to-nearest."""
     if e.plan.method != "gptq" or state.hessian_of(e)[0] is None:
         return None
-    g = state.recipe.gptq
-    return gptq.GPTQConfig(block_size=g.block_size, damp=g.damp, act_order=g.act_order, device=state.device)
+    return gptq.GPTQConfig.from_recipe(state.recipe, state.device)
 
 
 def allocatable(state: State) -> list:

@@ -7,6 +7,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from ..quant import numel
 from ..recipe import CONTROL_PATTERNS, Recipe
 from ..state import State
 
@@ -27,10 +28,7 @@ def role_of(name: str, shape, config: ClassifyConfig = ClassifyConfig()) -> str:
     given = config.recipe.role_for(name) if config.recipe is not None else None
     if given is not None:
         return given
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    if any(p in name for p in config.control_patterns) or numel == 1:
+    if any(p in name for p in config.control_patterns) or numel(shape) == 1:
         return "control"
     for role, pattern in (("embedding", _EMBEDDING), ("attention", _ATTENTION), ("mlp", _MLP)):
         if pattern.search(name):

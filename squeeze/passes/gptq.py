@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import quant
+from .. import parallel, quant
 from ..errors import SqueezeError
 from ..state import State
 
@@ -25,6 +25,12 @@ class GPTQConfig:
     damp: float = 0.01
     act_order: bool = True
     device: str = "cpu"     # where the float64 work runs (compile's --device: cuda makes it seconds, not minutes)
+
+    @staticmethod
+    def from_recipe(recipe, device: str = "cpu") -> "GPTQConfig":
+        """The recipe's [gptq] table, computing on `device`."""
+        g = recipe.gptq
+        return GPTQConfig(block_size=g.block_size, damp=g.damp, act_order=g.act_order, device=device)
 
 
 def layer_loss(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -85,15 +91,32 @@ def run(state: State, config: GPTQConfig = GPTQConfig()) -> State:
     if wanted and not state.hessians:
         raise SqueezeError(f"{wanted[0]}: the recipe asks for GPTQ but compile has no calibration data "
                            f"(pass --calib 'train_*.bin' or --calib-self N)")
-    out = []
+    hessians, refined = {}, {}
     for e in state.entries:
         if e.name in wanted:
             h, why = state.hessian_of(e)
             if h is not None:
-                e = refine(e, h, config)
+                hessians[e.name] = h
             elif state.strict_calib:
                 raise SqueezeError(f"{e.name}: {why} (--strict-calib)")
             else:
-                e = dataclasses.replace(e, method_used="rtn", note=f"round-to-nearest: {why}")
-        out.append(e)
-    return dataclasses.replace(state, entries=tuple(out))
+                refined[e.name] = dataclasses.replace(e, method_used="rtn", note=f"round-to-nearest: {why}")
+    # A budget compile re-runs this pass every round on mostly the same grids: its memo (State.gptq_memo, one per
+    # compile_to_budget call, so the tensor and its Hessian are fixed) keeps each (tensor, grid)'s result.
+    memo = state.gptq_memo if state.gptq_memo is not None else {}
+    key = {e.name: (e.name, e.plan.quant, config) for e in state.entries if e.name in hessians}
+    todo = [e for e in state.entries if e.name in hessians and key[e.name] not in memo]
+    # under torchrun each rank runs GPTQ on its share of the matrices and all gather the codes
+    results = parallel.map_items(lambda e: _refined_codes(e, hessians[e.name], config), todo)
+    memo.update((key[e.name], r) for e, r in zip(todo, results))
+    for e in state.entries:
+        if e.name in hessians:
+            codes, method, note = memo[key[e.name]]
+            refined[e.name] = dataclasses.replace(e, codes=codes, method_used=method, note=note)
+    return dataclasses.replace(state, entries=tuple(refined.get(e.name, e) for e in state.entries))
+
+
+def _refined_codes(e, hessian: torch.Tensor, config: GPTQConfig) -> tuple:
+    """(codes, method, note) of `refine`: what a rank sends the others (not the whole entry and its tensor)."""
+    r = refine(e, hessian, config)
+    return r.codes, r.method_used, r.note

@@ -3,16 +3,10 @@
 Codes are written unsigned (u = q + 2^(N-1) - 1), one per byte or as dense N-bit fields (squeeze/packing.py).
 """
 import dataclasses
-from dataclasses import dataclass
 
 from .. import packing
 from ..dtypes import tensor_to_bytes, torch_dtype
 from ..state import State
-
-
-@dataclass(frozen=True)
-class PackConfig:
-    pass  # the layout is per tensor (plan.pack)
 
 
 def parts_of(e) -> tuple:
@@ -26,6 +20,7 @@ def parts_of(e) -> tuple:
     return (("data", tensor_to_bytes(e.tensor.to(torch_dtype(p.store)))),)
 
 
-def run(state: State, config: PackConfig = PackConfig()) -> State:
+def run(state: State, config=None) -> State:
+    """No config: the layout is per tensor (plan.pack)."""
     entries = tuple(e if e.alias_of else dataclasses.replace(e, parts=parts_of(e)) for e in state.entries)
     return dataclasses.replace(state, entries=entries)

@@ -1,18 +1,13 @@
 """quantize: round-to-nearest symmetric int-N codes and scales for every tensor planned as "int"."""
 import dataclasses
-from dataclasses import dataclass
 
 from .. import quant
 from ..errors import CheckpointError
 from ..state import State
 
 
-@dataclass(frozen=True)
-class QuantizeConfig:
-    pass  # the per-tensor QuantSpec lives in each entry's plan
-
-
-def run(state: State, config: QuantizeConfig = QuantizeConfig()) -> State:
+def run(state: State, config=None) -> State:
+    """No config: the per-tensor QuantSpec lives in each entry's plan."""
     out = []
     for e in state.entries:
         if e.plan is not None and e.plan.scheme == "int":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..dtypes import FLOAT_CODES
 from ..errors import CheckpointError
+from ..quant import numel
 from ..state import State
 
 
@@ -29,10 +30,7 @@ def is_stack(shape) -> bool:
 
 
 def n_slices(shape) -> int:
-    n = 1
-    for s in shape[:-2]:
-        n *= int(s)
-    return n
+    return numel(shape[:-2])
 
 
 def slice_names(name: str, shape) -> list:

@@ -6,8 +6,8 @@
 
 The checkpoint's weights and the artifact's weights, decoded by the emitted tiny decoder, are each loaded into the
 same model (models.py) and scored on the same windows of the validation stream (windows.py, eval.py), with bytes
-counted as the challenge counts them (bpb.py). Under torchrun every rank scores a slice and the sums are combined
-(dist.py); every rank returns the same result.
+counted as the challenge counts them (bpb.py), or taken from CaseOps byte sidecars (stream.py). Under torchrun every
+rank scores a slice and the sums are combined (dist.py); every rank returns the same result.
 
 verify() writes no files. `squeeze verify` writes record.document(result) beside the artifact (ARTIFACT.verify.json),
 where `squeeze inspect` finds it (record.py).
@@ -21,7 +21,7 @@ from . import dist, models
 from .bpb import byte_table, load_tokenizer
 from .eval import Score, pick_device, precision, score
 from .record import sha256_of
-from .stream import load_stream, shard_paths
+from .stream import ByteSource, byte_source, load_byte_counts, load_stream, shard_paths
 from .weights import check_same_tensors, decode_with_shipped_decoder
 from .windows import plan_windows
 
@@ -45,6 +45,7 @@ class VerifyResult:
     val_files: tuple = ()       # the shards `val` matched
     max_tokens: int | None = None
     tokenizer: str = ""
+    byte_source: ByteSource = ByteSource()  # the tokenizer's table, or the CaseOps sidecars the bytes came from
 
     @property
     def drift_loss(self) -> float:
@@ -70,7 +71,9 @@ class VerifyResult:
             "artifact": {"path": self.artifact, "sha256": self.artifact_sha256, "bytes": self.artifact_bytes,
                          "params": self.params, "bits_per_param": self.bits_per_param},
             "settings": {"checkpoint": self.checkpoint, "val": self.val, "val_files": list(self.val_files),
-                         "tokenizer": self.tokenizer, "model": self.model, "seq_len": self.seq_len,
+                         "tokenizer": self.tokenizer, "bytes": self.byte_source.label,
+                         "val_bytes": self.byte_source.glob, "val_bytes_files": list(self.byte_source.files),
+                         "val_bytes_found": self.byte_source.found, "model": self.model, "seq_len": self.seq_len,
                          "stride": self.stride, "max_tokens": self.max_tokens, "device": self.device,
                          "precision": self.precision, "world_size": self.world_size},
         }
@@ -79,7 +82,7 @@ class VerifyResult:
 def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUILTIN, model_config=None,
            forward: str | None = None, seq_len: int = 1024, stride: int | None = None,
            max_tokens: int | None = None, batch_size: int = 32, device: str | None = None,
-           progress: bool = False) -> VerifyResult:
+           progress: bool = False, val_bytes: str | None = None) -> VerifyResult:
     """Score the checkpoint's weights and the artifact's decoded weights on the validation shards matching `val`.
 
     model: "pgolf" or "FILE.py:NAME" / "package.module:NAME" (contract in squeeze/verify/models.py).
@@ -89,11 +92,16 @@ def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUI
     seq_len, stride: windows (squeeze/verify/windows.py); max_tokens: score at most this many predictions, from the
     start of the stream. batch_size: windows per forward pass. device: default CUDA when available, else CPU.
     progress: a progress bar on stderr (rank 0 only, and only when stderr is a terminal).
+    val_bytes: a glob of CaseOps byte sidecars (one original-text byte count per token of `val`) to count each
+    target's bytes from, or "none" for the tokenizer's table; None: the sidecars X_bytes_NNNNNN.bin beside the token
+    shards X_NNNNNN.bin when every shard has one, else the tokenizer's table (stream.byte_source).
     """
     procs = dist.from_env()
     torch_device = pick_device(device, procs)
     table = byte_table(load_tokenizer(tokenizer))
-    stream = load_stream(val, table.vocab_size, max_tokens)
+    stream = load_stream(val, table.vocab_size, max_tokens, option="--val")
+    bytes_from = byte_source(val, val_bytes)
+    byte_counts = load_byte_counts(bytes_from, val, max_tokens)
     plan = plan_windows(stream.numel(), seq_len, stride,
                         source=val if max_tokens is None else f"{val} (cut by --max-tokens {max_tokens})")
 
@@ -117,7 +125,7 @@ def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUI
             raise SqueezeError(f"{tokenizer}: vocabulary of {table.vocab_size} tokens, but the model predicts "
                                f"{vocab}")
         return score(logits, stream, table, plan, batch_size=batch_size, device=torch_device, procs=procs,
-                     progress_label=label if progress and procs.is_main else None)
+                     progress_label=label if progress and procs.is_main else None, byte_counts=byte_counts)
 
     created = dist.start(procs, torch_device)
     try:
@@ -130,7 +138,7 @@ def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUI
         params=sum(t.numel() for t in original_weights.values()), checkpoint=str(checkpoint), val=val, model=model,
         seq_len=seq_len, stride=stride, device=str(torch_device), precision=precision(torch_device),
         world_size=procs.world_size, artifact_sha256=sha256_of(blob), val_files=tuple(shard_paths(val)),
-        max_tokens=max_tokens, tokenizer=str(tokenizer))
+        max_tokens=max_tokens, tokenizer=str(tokenizer), byte_source=bytes_from)
 
 
-__all__ = ["verify", "VerifyResult", "Score"]
+__all__ = ["verify", "VerifyResult", "Score", "ByteSource"]

@@ -66,9 +66,12 @@ def _autocast(device: torch.device):
 @torch.inference_mode()
 def score(model: torch.nn.Module, stream: torch.Tensor, table: ByteTable, plan: WindowPlan, *,
           batch_size: int = 32, device: torch.device = torch.device("cpu"), procs: dist.Processes = dist.Processes(),
-          progress_label: str | None = None) -> Score:
+          progress_label: str | None = None, byte_counts: torch.Tensor | None = None) -> Score:
     """Score `model` (on `device`, in eval mode; a module called as model(ids), or models.logits_fn's callable)
     over the plan's windows of `stream`.
+
+    Each target's bytes come from `table` (given the token before it), or, with `byte_counts` (a CaseOps sidecar:
+    one count per token of `stream`, stream.load_byte_counts), from the count at the target's own position.
 
     Windows are grouped into batches of `batch_size` in plan order and each rank scores a contiguous run of those
     batches. Per-batch sums (float64 loss, exact integer counts) go into one vector that is summed across ranks and
@@ -86,20 +89,23 @@ def score(model: torch.nn.Module, stream: torch.Tensor, table: ByteTable, plan: 
                       enabled=progress_label is not None)
     for b in mine:
         starts = torch.from_numpy(plan.starts[batches[b]])
-        chunk = stream[starts[:, None] + offsets].to(device=device, dtype=torch.int64, non_blocking=True)
+        at = starts[:, None] + offsets  # stream positions of each window's tokens; targets are at[:, 1:]
+        chunk = stream[at].to(device=device, dtype=torch.int64, non_blocking=True)
         x, y = chunk[:, :-1], chunk[:, 1:]
         score_from = plan.score_from[batches[b]]  # numpy: deciding the path costs no device sync
         with _autocast(device):
             logits = model(x)
+        counts = None if byte_counts is None else byte_counts[at[:, 1:]].to(device=device, non_blocking=True)
         if not score_from.any():
             picked_logits, targets, prev = logits.flatten(0, 1), y.flatten(), x.flatten()
         else:  # sliding windows: only the positions no earlier window scored
             scored = positions[None, :] >= torch.from_numpy(score_from).to(device)[:, None]
             picked_logits, targets, prev = logits[scored], y[scored], x[scored]
+            counts = None if counts is None else counts[scored]
         losses = F.cross_entropy(picked_logits.float(), targets, reduction="none")
         per_batch[b, 0] = losses.double().sum()
         per_batch[b, 1] = targets.numel()
-        per_batch[b, 2] = table.count(prev, targets).sum().double()
+        per_batch[b, 2] = (table.count(prev, targets) if counts is None else counts).sum().double()
         bar.advance(targets.numel())
     bar.close()
     totals = dist.sum_across(per_batch, procs).cpu()

@@ -6,10 +6,10 @@ import time
 class ProgressBar:
     WIDTH = 30
 
-    def __init__(self, label: str, total: int, enabled: bool = True, stream=None):
+    def __init__(self, label: str, total: int, enabled: bool = True, stream=None, unit: str = "tokens"):
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled and total > 0 and _is_terminal(self.stream)
-        self.label, self.total, self.done = label, total, 0
+        self.label, self.total, self.done, self.unit = label, total, 0, unit
         self.started = self.drawn_at = time.perf_counter()
 
     def advance(self, n: int) -> None:
@@ -31,7 +31,8 @@ class ProgressBar:
         rate = self.done / max(now - self.started, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         self.stream.write(f"\r{self.label:<9}[{'#' * filled}{'.' * (self.WIDTH - filled)}] {100 * frac:5.1f}% "
-                          f"{self.done:,}/{self.total:,} tokens  {rate:,.0f} tok/s  eta {eta:4.0f} s")
+                          f"{self.done:,}/{self.total:,} {self.unit}  {rate:,.{0 if rate >= 10 else 1}f} "
+                          f"{'tok' if self.unit == 'tokens' else self.unit}/s  eta {eta:4.0f} s")
         self.stream.flush()
 
 

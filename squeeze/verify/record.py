@@ -46,6 +46,7 @@ class Measured:
     bpb_drift: float       # decoded − original val_bpb
     tokens: int            # validation predictions scored
     val: str               # the validation glob
+    bytes: str = "tokenizer LUT"  # where the byte counts came from: "tokenizer LUT" or "sidecar GLOB" (CaseOps)
 
 
 def read(path) -> Measured:
@@ -69,7 +70,17 @@ def read(path) -> Measured:
         raise SqueezeError(f"{path}: not a verify report (artifact.sha256 is not a sha256 hex digest)")
     return Measured(sha256=sha, loss_increase=_number(doc, path, "drift", "val_loss"),
                     bpb_drift=_number(doc, path, "drift", "val_bpb"),
-                    tokens=int(_number(doc, path, "decoded", "tokens")), val=str(_field(doc, path, "settings", "val")))
+                    tokens=int(_number(doc, path, "decoded", "tokens")), val=str(_field(doc, path, "settings", "val")),
+                    bytes=_byte_label(doc, path))
+
+
+def _byte_label(doc: dict, path: Path) -> str:
+    """settings.bytes; a report written before CaseOps sidecars were read has none: its bytes were the LUT's."""
+    settings = _field(doc, path, "settings")
+    label = settings.get("bytes", "tokenizer LUT") if isinstance(settings, dict) else "tokenizer LUT"
+    if not isinstance(label, str):
+        raise SqueezeError(f"{path}: not a verify report (settings.bytes is not a string)")
+    return label
 
 
 def _field(doc: dict, path: Path, *keys: str):

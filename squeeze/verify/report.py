@@ -7,6 +7,7 @@ def render(result) -> str:
     lines = [
         f"{result.artifact} vs {result.checkpoint} on {result.val}: seq_len {result.seq_len}, {windows}; "
         f"{result.device} {result.precision}, {procs}",
+        f"bytes: {result.byte_source.label}" + (" (found beside the token shards)" if result.byte_source.found else ""),
         f"{'weights':<9} {'val_loss':>10} {'val_bpb':>10} {'tokens':>12} {'bytes':>12} {'seconds':>9}",
     ]
     for name, s in (("original", result.original), ("decoded", result.decoded)):

@@ -48,6 +48,6 @@ def decode_with_shipped_decoder(artifact_path) -> dict:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     try:
-        return module.load(path)
+        return module.squeeze_load(path)
     except ValueError as e:  # the tiny decoder reports damage as ValueError("squeeze: ...")
         raise FormatError(f"{path}: the emitted decoder refused it ({e})") from None

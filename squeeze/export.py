@@ -1,0 +1,256 @@
+"""squeeze.export: compile the live model at the end of a training script, inside the time the script reserved.
+
+Parameter Golf records export at the end of train_gpt.py, on 8 GPUs, within seconds of their 600 s: they collect
+Hessians on training batches they already have, run GPTQ, and must keep artifact + code ≤ 16,000,000 bytes. From
+their side, in about five lines:
+
+    import squeeze
+    result = squeeze.export(model, calib_batches, "final_model.sqz", budget=16_000_000, code=[__file__],
+                            time_limit=10)
+    if result.is_main:
+        print(result.summary())
+
+- `model`: the live module (DDP / torch.compile wrappers are looked through), on any device; its weights are not
+  changed (sensitivity probes restore them exactly) and its train/eval mode is put back.
+- `batches`: token id tensors [B, T] or (inputs, targets) pairs, already on the model's device or not.
+- `forward`: the method that returns logits (default: `forward_logits` when the module has one, else `forward`),
+  its name, or any callable batch -> logits or loss. `autocast`: e.g. torch.bfloat16, as the script trains.
+- Under torch.distributed (torchrun) every rank calls export with its own batches: Hessians and sensitivities are
+  summed across ranks (N GPUs see N× the tokens in the same time), GPTQ and the budget's grid pricing are split
+  across ranks by tensor and gathered; every rank gets the same artifact and rank 0 writes it, atomically.
+- `time_limit` (seconds): calibration stops after the batch that reaches it, with what it has, and says so.
+- `code`: files whose bytes count against `budget` as the challenge counts them (your script, the decoder you
+  paste), or ints (bytes reserved for code written after export). Without a budget, export warns when artifact +
+  code exceed 16,000,000 bytes.
+"""
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import calibrate, compiler, parallel
+from .errors import SqueezeError
+from .recipe import Recipe
+
+CHALLENGE_LIMIT = 16_000_000  # Parameter Golf: artifact + code bytes
+
+
+@dataclasses.dataclass
+class ExportResult:
+    blob: bytes
+    path: str | None            # where rank 0 wrote it (None: not written)
+    code_bytes: int             # the counted bytes of `code`
+    calibration: calibrate.Calibration
+    matrices: list              # compiler.methods_of: each quantized matrix's method (gptq/rtn) and why
+    seconds: dict               # calibration, sensitivities, compile
+    warnings: list              # one line each: early stop, over the limit, fallbacks
+    state: object = None        # the compiler's final State
+    is_main: bool = True        # rank 0 (or a single process)
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.blob) + self.code_bytes
+
+    def summary(self) -> str:
+        gptq = sum(m["method"] == "gptq" for m in self.matrices)
+        t = self.seconds
+        lines = [f"squeeze: {len(self.blob):,} B artifact + {self.code_bytes:,} B code = {self.total_bytes:,} B; "
+                 f"gptq {gptq} of {len(self.matrices)} quantized matrices; calibration {self.calibration.source}; "
+                 f"{t.get('calibration', 0):.1f} s calibration, {t.get('sensitivities', 0):.1f} s sensitivities, "
+                 f"{t.get('compile', 0):.1f} s compile"]
+        return "\n".join(lines + [f"squeeze: warning: {w}" for w in self.warnings])
+
+
+def export(model: nn.Module, batches, path: str | os.PathLike | None = None, *, recipe: Recipe | None = None,
+           budget: int | None = None, code=(), time_limit: float | None = None, forward=None, autocast=None,
+           strict_calib: bool = False, progress: bool = True) -> ExportResult:
+    """Calibrate the live `model` on `batches`, compile it (to `budget` bytes with code, when given) and, on rank 0,
+    write the artifact to `path` atomically. See the module docstring."""
+    rank, world = parallel.group_size()
+    model = _unwrapped(model)
+    code_bytes = sum(_file_size(f) for f in code)
+    names = list(model.state_dict())
+    warnings, seconds = [], {}
+    was_training = model.training
+    model.eval()
+    try:
+        t0 = time.perf_counter()
+        run = _runner(model, forward, autocast)
+        cal, stopped = _calibrate(model, batches, run, names, time_limit, progress and rank == 0)
+        seconds["calibration"] = time.perf_counter() - t0
+        if stopped:
+            warnings.append(stopped)
+        sensitivities = {}
+        if budget is not None:
+            t0 = time.perf_counter()
+            targets = compiler.budget_names(model.state_dict(), recipe or Recipe())
+            sensitivities = _sensitivities(model, cal.probe_batch, run, names, targets, progress and rank == 0)
+            seconds["sensitivities"] = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    state_dict = {k: v.detach() for k, v in model.state_dict().items()}
+    t0 = time.perf_counter()
+    common = dict(hessians=cal.hessians, device=_device_of(model), calibration_skips=cal.skipped,
+                  strict_calib=strict_calib)
+    recipe = recipe or Recipe()
+    if budget is not None:
+        log = (lambda line: print(f"squeeze: {line}", flush=True)) if progress and rank == 0 else None
+        result = compiler.compile_to_budget(state_dict, recipe, budget, sensitivities=sensitivities,
+                                            code_bytes=code_bytes, progress=log, **common)
+    else:
+        result = compiler.compile_state_dict(state_dict, recipe, **common)
+    seconds["compile"] = time.perf_counter() - t0
+    matrices = compiler.methods_of(result.state)
+    fallbacks = [m for m in matrices if m["method"] != "gptq"]
+    if fallbacks:
+        warnings.append(f"round-to-nearest for {len(fallbacks)} of {len(matrices)} quantized matrices: " +
+                        "; ".join(f"{m['name']} ({m['why']})" for m in fallbacks))
+    total = len(result.blob) + code_bytes
+    if budget is None and total > CHALLENGE_LIMIT:
+        warnings.append(f"artifact {len(result.blob):,} B + code {code_bytes:,} B = {total:,} B exceeds the "
+                        f"challenge's {CHALLENGE_LIMIT:,} B; pass budget={CHALLENGE_LIMIT:_}")
+    written = None
+    if path is not None:
+        if rank == 0:
+            from .cli import write_atomically
+            from .loader import load
+            write_atomically(str(path), result.blob, check=load)
+        written = str(path)
+        if world > 1:
+            torch.distributed.barrier()  # the file exists for every rank when export returns
+    return ExportResult(blob=result.blob, path=written, code_bytes=code_bytes, calibration=cal, matrices=matrices,
+                        seconds=seconds, warnings=warnings, state=result.state, is_main=rank == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Calibration(calibrate.Calibration):
+    probe_batch: object = None  # the first batch, on which sensitivities are probed
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module whose state_dict names are the checkpoint's: through DDP (.module) and torch.compile (_orig_mod)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None)
+                                                      if type(model).__name__ in ("DistributedDataParallel",
+                                                                                  "DataParallel") else None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _file_size(f) -> int:
+    """A file's bytes, or an int taken as a byte count (room reserved for code written later, e.g. the decoder)."""
+    if isinstance(f, int) and not isinstance(f, bool):
+        return f
+    try:
+        return Path(f).stat().st_size
+    except OSError as e:
+        raise SqueezeError(f"{f}: cannot count code bytes ({e.strerror or e})") from None
+
+
+def _device_of(model: nn.Module) -> str:
+    p = next(model.parameters(), None)
+    return str(p.device) if p is not None else "cpu"
+
+
+def _inputs(batch):
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _runner(model: nn.Module, forward, autocast):
+    """batch -> model output (logits or a loss), on the model's device, under autocast when asked."""
+    if callable(forward) and not isinstance(forward, str):
+        call = forward
+    else:
+        from .verify.models import logits_fn
+        logits = logits_fn(model, forward, type(model).__name__)
+        call = lambda batch: logits(_inputs(batch))  # noqa: E731
+    device = torch.device(_device_of(model))
+
+    def run(batch):
+        batch = _to(batch, device)
+        if autocast is None:
+            return call(batch)
+        with torch.autocast(device.type, dtype=autocast):
+            return call(batch)
+    return run
+
+
+def _to(batch, device):
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
+@torch.no_grad()
+def _calibrate(model, batches, run, names, time_limit, show) -> tuple:
+    """(calibration, why it stopped early or None): Gram sums over this rank's batches, summed across ranks."""
+    from .verify.progress import ProgressBar
+
+    batches = list(batches)
+    if not batches:
+        raise SqueezeError("export: no calibration batches")
+    sums, done, tokens, start = calibrate.GramSums(), 0, 0, time.perf_counter()
+    bar = ProgressBar("calibrate", len(batches), enabled=show, unit="batches")
+    stopped = None
+    with calibrate.tracking(model, sums, names):
+        for batch in batches:
+            run(batch)
+            done += 1
+            tokens += _inputs(batch).numel()
+            bar.advance(1)
+            if time_limit is not None and time.perf_counter() - start >= time_limit and done < len(batches):
+                stopped = (f"calibration stopped at its time limit ({time_limit:g} s) after {done} of "
+                           f"{len(batches)} batches on this rank")
+                break
+    bar.close()
+    sums.all_reduce()
+    counts = torch.tensor([done, tokens], dtype=torch.float64)
+    rank, world = parallel.group_size()
+    if world > 1:
+        counts = counts.to(calibrate._collective_device())
+        torch.distributed.all_reduce(counts)
+    done_all, tokens_all = (int(v) for v in counts.tolist())
+    if not sums.sums:
+        raise SqueezeError("export: the forward multiplied by none of the model's parameters, so GPTQ has nothing "
+                           "to work on (is `forward` the method that runs the model?)")
+    source = f"{tokens_all:,} tokens in {done_all} batches" + (f" on {world} ranks" if world > 1 else "")
+    return _Calibration(hessians=sums.hessians(), sensitivities={}, sequences=done_all, tokens=tokens_all,
+                        source=source, skipped=sums.skipped, probe_batch=batches[0]), stopped
+
+
+def _sensitivities(model, batch, run, names, targets, show) -> dict:
+    """Loss increase per unit weight noise of each of `targets` (what the budget decides), on this rank's first
+    batch, averaged over ranks."""
+    from .verify.progress import ProgressBar
+
+    params = calibrate.checkpoint_parameters(model, names)
+
+    def loss() -> float:
+        return _loss(run(batch), batch)
+
+    bar = ProgressBar("probe", len(targets), enabled=show, unit="tensors")
+    raw = calibrate.probe(params, targets, loss, progress=bar.advance)
+    bar.close()
+    rank, world = parallel.group_size()
+    if world > 1:
+        values = torch.tensor([raw[n] for n in targets], dtype=torch.float64, device=calibrate._collective_device())
+        torch.distributed.all_reduce(values)
+        raw = dict(zip(targets, (values / world).tolist()))
+    return calibrate.floored(raw)
+
+
+def _loss(out, batch) -> float:
+    """The model's loss on `batch`: its output when that is a scalar (a record's forward(ids, targets)), else the
+    cross-entropy of the logits against the targets (the pair's second item, or the inputs shifted by one)."""
+    if out.dim() == 0:
+        return float(out)
+    if isinstance(batch, (tuple, list)) and len(batch) > 1:
+        logits, targets = out, batch[1].to(out.device)
+    else:
+        ids = batch.to(out.device)
+        logits, targets = out[:, :-1], ids[:, 1:]
+    return float(nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten()))

@@ -1,0 +1,28 @@
+"""Run by tests/test_export.py under torchrun (gloo): each rank exports the banked fixture model on its half of the
+calibration batches; rank 0 writes the artifact and saves the Hessians for the test to compare."""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import squeeze  # noqa: E402
+from test_export import BUDGET, RECIPE, calibration_batches, banked_model  # noqa: E402
+
+
+def main(out: str):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, sd = banked_model()
+    batches = calibration_batches()[rank::world]
+    result = squeeze.export(model, batches, out, recipe=RECIPE, budget=BUDGET, progress=False)
+    if rank == 0:
+        torch.save({"hessians": result.calibration.hessians, "tokens": result.calibration.tokens}, out + ".pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
