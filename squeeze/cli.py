@@ -2,7 +2,6 @@
 import json
 import os
 import sys
-import tempfile
 from functools import partial, wraps
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from .checkpoint import load_checkpoint
 from .compiler import __version__, budget_names, compile_state_dict, compile_to_budget, methods_of
 from .errors import SqueezeError
 from .export import CHALLENGE_LIMIT
+from .files import write_atomically
 from .inspect import inspect as inspect_artifact, render
 from .loader import load as load_artifact, read_artifact
 from .recipe import Recipe
@@ -41,30 +41,6 @@ def _is_main_rank() -> bool:
     """Rank 0 under torchrun, or a plain process. Every rank reads the same inputs, so all fail alike on a bad one,
     and only rank 0 prints the line."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def write_atomically(path: str, data: bytes, check=None):
-    """Write to a temporary file beside `path`, optionally re-read and check it, then rename: a crash or a failed
-    check never leaves a partial or wrong file at `path`, and never touches an existing one."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output gets what open() would have given it
-        if check is not None:
-            try:
-                check(tmp)
-            except SqueezeError as e:  # name the file the user asked for, not our temporary one
-                raise SqueezeError(str(e).replace(tmp, f"{path} (re-read before writing)")) from None
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

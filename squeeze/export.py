@@ -115,7 +115,7 @@ def export(model: nn.Module, batches, path: str | os.PathLike | None = None, *, 
     written = None
     if path is not None:
         if rank == 0:
-            from .cli import write_atomically
+            from .files import write_atomically
             from .loader import load
             write_atomically(str(path), result.blob, check=load)
         written = str(path)
