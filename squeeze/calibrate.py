@@ -101,7 +101,7 @@ class GramSums:
         dist.all_gather_object(shapes, {k: tuple(v.shape) for k, v in self.sums.items()})
         skipped = [None] * dist.get_world_size()
         dist.all_gather_object(skipped, self.skipped)
-        device = next(iter(self.sums.values())).device if self.sums else _collective_device()
+        device = next(iter(self.sums.values())).device if self.sums else collective_device()
         for key, shape in sorted({k: s for r in shapes for k, s in r.items()}.items()):
             total = self.sums.get(key, torch.zeros(shape, dtype=torch.float64, device=device))
             count = torch.tensor([self.counts.get(key, 0)], dtype=torch.float64, device=total.device)
@@ -116,7 +116,8 @@ class GramSums:
         return {key: (self.sums[key] / self.counts[key]).cpu() for key in sorted(self.sums)}
 
 
-def _collective_device():
+def collective_device():
+    """Where a collective's tensors must live: the current CUDA device under NCCL, else the CPU."""
     import torch.distributed as dist
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 

@@ -211,7 +211,7 @@ def _calibrate(model, batches, run, names, time_limit, show) -> tuple:
     counts = torch.tensor([done, tokens], dtype=torch.float64)
     rank, world = parallel.group_size()
     if world > 1:
-        counts = counts.to(calibrate._collective_device())
+        counts = counts.to(calibrate.collective_device())
         torch.distributed.all_reduce(counts)
     done_all, tokens_all = (int(v) for v in counts.tolist())
     if not sums.sums:
@@ -237,7 +237,7 @@ def _sensitivities(model, batch, run, names, targets, show) -> dict:
     bar.close()
     rank, world = parallel.group_size()
     if world > 1:
-        values = torch.tensor([raw[n] for n in targets], dtype=torch.float64, device=calibrate._collective_device())
+        values = torch.tensor([raw[n] for n in targets], dtype=torch.float64, device=calibrate.collective_device())
         torch.distributed.all_reduce(values)
         raw = dict(zip(targets, (values / world).tolist()))
     return calibrate.floored(raw)

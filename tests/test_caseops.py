@@ -13,18 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-import squeeze
 from squeeze.calibrate import calibration_for
-from squeeze.cli import main
 from squeeze.data import read_shard
 from squeeze.errors import SqueezeError
 from squeeze.verify import verify
 from squeeze.verify.bpb import bits_per_byte, byte_table, load_tokenizer
 
-from conftest import CKPT, FIXTURES, RECIPES, ROOT
-from test_verify_cli import LAUNCHER_FAILURES, free_port
+from conftest import CKPT, FIXTURES, ROOT
+from test_verify_cli import LAUNCHER_FAILURES, artifact, free_port, invoke  # noqa: F401 (artifact: a fixture)
+from test_verify_cli import single_error_line as error_line
 
 pytest.importorskip("sentencepiece")
 
@@ -57,23 +55,6 @@ def lut_counts(tokens) -> np.ndarray:
     counts = np.zeros(tokens.size, dtype=np.int64)
     counts[1:] = table.count(t[:-1], t[1:]).numpy()
     return counts
-
-
-@pytest.fixture(scope="module")
-def artifact(fixture_sd, tmp_path_factory):
-    path = tmp_path_factory.mktemp("caseops") / "int8.sqz"
-    path.write_bytes(squeeze.compile(fixture_sd, squeeze.Recipe.load(RECIPES / "int8-baseline.toml")))
-    return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, list(map(str, args)))
-
-
-def error_line(result) -> str:
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.output, result.exception)
-    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    return result.stderr.strip()
 
 
 def same_scores(a, b):
