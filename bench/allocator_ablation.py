@@ -20,23 +20,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from squeeze import calibrate, quant  # noqa: E402
-from squeeze.calibrate import PROBE_NOISE  # noqa: E402
-from squeeze.codecs import rans  # noqa: E402
-from squeeze.passes import allocate, lowrank  # noqa: E402
+from squeeze.passes import allocate  # noqa: E402
 
 DEAD_ZONES = (0.1, 0.2, 0.3, 0.45)
 
 
-def dead_zone_options(w2: torch.Tensor, sensitivity: float, hessian, config: allocate.AllocateConfig) -> list:
-    """The grid's candidates, each rounded plain and with every dead zone."""
-    rows, cols = w2.shape
-    s = lowrank.column_scale(hessian, cols)
-    weight = rows * float(s.square().sum())
-    max_mse = (PROBE_NOISE ** 2) * float(w2.double().var())
+def dead_zone_options(entry, sensitivity: float, hessian, config: allocate.AllocateConfig) -> list:
+    """The grid's candidates, each rounded plain and with every dead zone, priced as the allocator prices a grid
+    (allocate.Pricing: its size and its loss measure)."""
+    pricing = allocate.Pricing(entry, sensitivity, hessian)
+    w2, cols = pricing.w2, pricing.cols
     points = []
     for bits in config.bits_choices:
         for k in config.clip_k_choices:
@@ -48,12 +44,11 @@ def dead_zone_options(w2: torch.Tensor, sensitivity: float, hessian, config: all
                 codes = torch.clamp(torch.round(ratio), -spec.qmax, spec.qmax)
                 codes = torch.where(ratio.abs() < 0.5 + theta, torch.zeros_like(codes), codes)
                 error = w2 - codes * step
-                if float(error.double().square().mean()) > max_mse:
+                if float(error.double().square().mean()) > pricing.max_mse:
                     continue
-                counts = np.bincount(codes.numpy().ravel().astype(np.int64) + 128, minlength=256)
-                size = rans.entropy_bits(counts) / 8 + scales.numel() * scales.element_size()
-                loss = sensitivity * float((error.double() * s).square().sum()) / weight
-                points.append(allocate.Option(bits, k + theta / 1000, size, loss))  # θ rides in clip_k: unique
+                points.append(allocate.Option(bits, k + theta / 1000,  # θ rides in clip_k: unique
+                                              allocate.coded_bytes(codes.to(torch.int8), scales),
+                                              pricing.screening_loss(error)))
     return allocate.lower_hull(points)
 
 
@@ -82,8 +77,8 @@ def main():
     families = {
         "grid": {n: allocate.options_for(Entry(n), cal.sensitivities[n], grid_config, cal.hessians.get(n))
                  for n in names},
-        "dead zone": {n: dead_zone_options(quant.as_matrix(sd[n]), cal.sensitivities[n], cal.hessians.get(n),
-                                           grid_config) for n in names},
+        "dead zone": {n: dead_zone_options(Entry(n), cal.sensitivities[n], cal.hessians.get(n), grid_config)
+                      for n in names},
         "groups+f16": {n: allocate.options_for(Entry(n), cal.sensitivities[n], allocate.AllocateConfig(),
                                                cal.hessians.get(n)) for n in names},
         "low-rank": {n: allocate.options_for(Entry(n), cal.sensitivities[n],

@@ -101,11 +101,11 @@ def main():
     record = measure("record-style k=12.85 (GPTQ, brotli)", blob, s)
     rows.append(record)
     budget_recipe = parse(BUDGET_RECIPE, "budget")
-    res, s = timed(lambda: compiler.compile_to_budget(sd, budget_recipe, record["bytes"],
+    res, s = timed(lambda: squeeze.compile_to_budget(sd, budget_recipe, record["bytes"],
                                                        sensitivities=cal.sensitivities, hessians=cal.hessians))
     same_bytes = measure("squeeze --budget (record's bytes)", res.blob, s)
     rows.append(same_bytes)
-    res, s = timed(lambda: compiler.compile_to_budget(sd, budget_recipe, record["bytes"],
+    res, s = timed(lambda: squeeze.compile_to_budget(sd, budget_recipe, record["bytes"],
                                                        sensitivities=cal.sensitivities, hessians=cal.hessians,
                                                        allocate_config=allocate.AllocateConfig(
                                                            lowrank_ranks=(4, 8, 16, 32))))
@@ -125,7 +125,7 @@ def main():
     for bpp in (float(x) for x in args.bpp.split(",")):
         budget = int(bpp * params / 8)
         try:
-            res, s = timed(lambda: compiler.compile_to_budget(sd, budget_recipe, budget,
+            res, s = timed(lambda: squeeze.compile_to_budget(sd, budget_recipe, budget,
                                                                sensitivities=cal.sensitivities, hessians=cal.hessians))
         except squeeze.SqueezeError as e:
             print(f"squeeze --budget {bpp} bits/param: {e}")

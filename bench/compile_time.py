@@ -79,7 +79,7 @@ def main():
     budget = int(args.bits_per_param * params / 8)
     print(f"compile --budget {budget:,} ({args.bits_per_param} bits/param):", flush=True)
     t = time.perf_counter()
-    res = compiler.compile_to_budget(sd, parse(BUDGET_RECIPE, "budget"), budget, sensitivities=cal.sensitivities,
+    res = squeeze.compile_to_budget(sd, parse(BUDGET_RECIPE, "budget"), budget, sensitivities=cal.sensitivities,
                                      hessians=cal.hessians, log=log, device=args.device)
     timings["compile --budget"] = time.perf_counter() - t
     print(f"  {len(res.blob):,} bytes in {timings['compile --budget']:.1f} s (the passes above: one block per "

@@ -79,7 +79,7 @@ def encode_with(state: State, codec: str) -> tuple[bytes, float]:
     t0 = time.perf_counter()
     s = fn(s, config)
     seconds = time.perf_counter() - t0
-    return compiler._write(s), seconds
+    return compiler.write(s), seconds
 
 
 def context_entropy_bytes(art: format.Artifact, i: int) -> float:

@@ -6,7 +6,8 @@
     result = squeeze.verify.verify("model.sqz", "final_model.pt", "val_*.bin", "tokenizer.model")  # BPB drift
     result = squeeze.export(model, batches, "final_model.sqz", budget=16_000_000, code=[__file__])  # in train_gpt.py
 """
-from .compiler import __version__, compile, compile_state_dict, compile_to_budget
+from .budget import compile_to_budget
+from .compiler import __version__, compile, compile_state_dict
 from .export import export
 from .errors import CheckpointError, FormatError, RecipeError, SqueezeError
 from .inspect import inspect
@@ -15,5 +16,5 @@ from .recipe import Recipe
 from . import verify
 from . import qat
 
-__all__ = ["compile", "compile_state_dict", "export", "load", "inspect", "Recipe", "SqueezeError", "FormatError",
+__all__ = ["compile", "compile_state_dict", "compile_to_budget", "export", "load", "inspect", "Recipe", "SqueezeError", "FormatError",
            "RecipeError", "CheckpointError", "__version__"]

@@ -10,7 +10,8 @@ import click
 from . import decoder
 from .calibrate import calibration_for
 from .checkpoint import load_checkpoint
-from .compiler import __version__, budget_names, compile_state_dict, compile_to_budget, methods_of
+from .budget import budget_names, compile_to_budget
+from .compiler import __version__, compile_state_dict, methods_of
 from .errors import SqueezeError
 from .export import CHALLENGE_LIMIT
 from .files import write_atomically
@@ -78,12 +79,16 @@ def main():
 @click.option("--code", "code_files", multiple=True, type=click.Path(dir_okay=False),
               help="A file whose bytes count against --budget as the challenge counts them (your train_gpt.py, the "
                    "decoder you paste); repeat for several. Added to --code-bytes.")
+@click.option("--sensitivity", default="fisher", show_default=True, type=click.Choice(["fisher", "probe"]),
+              help="How --budget weighs tensors: fisher (one backward per calibration sequence) or probe (two "
+                   "forwards per tensor, the older, slower measure).")
 @click.option("--strict-calib", is_flag=True,
               help="Fail if a quantized matrix gets no GPTQ for want of a usable calibration Hessian.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report (with each matrix's method).")
 @_friendly
 def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_tokens, calib_seq_len, model,
-            model_config, forward, device, budget, bits_per_param, code_bytes, code_files, strict_calib, as_json):
+            model_config, forward, device, budget, bits_per_param, code_bytes, code_files, sensitivity, strict_calib,
+            as_json):
     """Compile CHECKPOINT (.pt state dict or .safetensors) into an artifact.
 
     With --calib or --calib-self, quantized matrices get GPTQ codes (recipe key method, default "auto").
@@ -108,7 +113,7 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
                                       model_config=model_config, seq_len=calib_seq_len, n_tokens=calib_tokens,
                                       forward=forward, device=device, with_sensitivities=budget is not None,
                                       sensitivity_names=budget_names(state_dict, recipe) if budget else None,
-                                      progress=True)
+                                      progress=True, sensitivity_method=sensitivity)
         hessians = calibration.hessians
         if verbose:
             click.echo(f"  calibration: {calibration.source}; Hessians of {len(hessians)} matrices", err=True)

@@ -3,10 +3,9 @@ import dataclasses
 
 import torch
 
-from . import codecs, format, parallel, pipeline
+from . import codecs, format, pipeline
 from .dtypes import code_of, not_finite, out_of_range
-from .errors import CheckpointError, SqueezeError
-from .passes import allocate
+from .errors import CheckpointError
 from .recipe import Recipe
 from .state import State, TensorEntry
 
@@ -96,7 +95,7 @@ def _tensor_object(e: TensorEntry, where: dict) -> dict:
     return t
 
 
-def _write(state: State) -> bytes:
+def write(state: State) -> bytes:
     """Write with the header codec that gives the smallest file among those the sections already use (plus zlib,
     which every decoder has for CRC-32), so the tiny decoder needs no extra codec for the header. Layout-aware codecs
     (rans) code sections only. Every compile path ends here, so this is where values a float dtype cannot hold are
@@ -120,95 +119,7 @@ def compile_state_dict(state_dict: dict, recipe: Recipe | None = None, log=None,
     state = State(entries=entries_from_state_dict(state_dict), recipe=recipe or Recipe(), hessians=hessians or {},
                   device=device, calibration_skips=calibration_skips or {}, strict_calib=strict_calib)
     state = pipeline.run(state, log=log)
-    return CompileResult(blob=_write(state), state=state)
-
-
-def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, sensitivities: dict,
-                      hessians: dict | None = None, code_bytes: int = 0, log=None, max_rounds: int = 8,
-                      device: str = "cpu", allocate_config: allocate.AllocateConfig = allocate.AllocateConfig(),
-                      calibration_skips: dict | None = None, strict_calib: bool = False,
-                      progress=None) -> CompileResult:
-    """The artifact with the lowest predicted loss whose size plus `code_bytes` (the user's code and decoder) is at
-    most `budget_bytes`, always; SqueezeError if even the narrowest grids do not fit.
-
-    The allocate pass spends a byte pool on the tensors the recipe leaves to the budget. Round 1 takes the pool as
-    the target less what everything else took in a trial; each later round lowers the pool by what the last one
-    overshot (plus a margin that grows per round), so the loop ends with a compile that fits.
-
-    The rounds re-use each (tensor, grid)'s GPTQ codes (State.gptq_memo) and, when the recipe's candidates include
-    rans, code sections with rans alone: its sizes are exact, it is fast, and the final compile, which picks the
-    smallest candidate per section, can only be smaller. Only the fitting allocation pays for brotli-11, and once
-    more with what the better coder saved added to the pool, when that is over 0.2% of the target.
-    """
-    target = budget_bytes - code_bytes
-    base = State(entries=entries_from_state_dict(state_dict), recipe=recipe, hessians=hessians or {},
-                 sensitivities=sensitivities, device=device, calibration_skips=calibration_skips or {},
-                 strict_calib=strict_calib)
-    for name, fn, config in pipeline.passes_for(recipe, until="plan"):  # what allocate needs
-        base = fn(base, config)
-    allocate.check_sensitivities(base)
-    entries = allocate.allocatable(base)  # pricing runs GPTQ per grid: under torchrun each rank prices its share
-    priced = parallel.map_items(lambda e: allocate.options_for(e, sensitivities[e.name], allocate_config,
-                                                               base.hessian_of(e)[0],
-                                                               allocate.gptq_config_for(base, e)), entries)
-    options = {e.name: o for e, o in zip(entries, priced)}
-    start = dataclasses.replace(base, allocation_options=options, gptq_memo={})
-    fast = _rans_only(recipe)
-
-    def attempt(pool: float, rounds_recipe: Recipe, predict: bool) -> tuple[State, bytes]:
-        state = pipeline.run(dataclasses.replace(start, allocation_pool=pool, recipe=rounds_recipe), log=log)
-        if predict:  # the prediction is header meta, so it is in the bytes the budget counts
-            state = dataclasses.replace(state, predicted_loss=allocate.predicted_loss(state))
-        return state, _write(state)
-
-    # trial: the cheapest grid everywhere, which tells what the rest of the artifact costs
-    pool = sum(o[0].bytes for o in options.values())
-    for round_no in range(1, max_rounds + 1):
-        state, blob = attempt(pool, fast or recipe, round_no > 1)
-        if progress is not None:
-            progress(f"budget round {round_no}: {len(blob) + code_bytes:,} B (target {budget_bytes:,})"
-                     + (" (rans estimate)" if fast else ""))
-        if round_no == 1:
-            if len(blob) > target and fast:  # the full coder may still fit it, so the rounds need it too
-                fast = None
-                state, blob = attempt(pool, recipe, False)
-            if len(blob) > target:
-                raise SqueezeError(f"budget {budget_bytes:,} bytes is too small: the smallest artifact this recipe "
-                                   f"allows is {len(blob):,} bytes (+{code_bytes:,} of code)")
-            fixed = len(blob) - state.allocated_bytes
-            pool = target - fixed
-            continue
-        if len(blob) <= target:
-            if fast:  # the recipe's own coder on the allocation that fits: never larger than rans alone
-                final, final_blob = attempt(pool, recipe, True)
-                if len(final_blob) <= len(blob):
-                    state, blob = final, final_blob
-                slack = target - len(blob)
-                if slack > 0.002 * target:  # what the better coder saved, spent once more (kept only if it fits)
-                    more, more_blob = attempt(pool + slack, recipe, True)
-                    if len(more_blob) <= target:
-                        state, blob = more, more_blob
-                if progress is not None:
-                    progress(f"final: {len(blob) + code_bytes:,} B")
-            return CompileResult(blob=blob, state=state)
-        pool -= (len(blob) - target) + target * 0.0005 * round_no
-    raise SqueezeError(f"budget {budget_bytes:,}: no allocation fitted after {max_rounds} rounds")
-
-
-def _rans_only(recipe: Recipe) -> Recipe | None:
-    """The recipe with rans as the only candidate coder, when it has rans and others (else None)."""
-    candidates = recipe.encode.candidates
-    if "rans" not in candidates or len(candidates) == 1:
-        return None
-    return dataclasses.replace(recipe, encode=dataclasses.replace(recipe.encode, candidates=("rans",)))
-
-
-def budget_names(state_dict: dict, recipe: Recipe) -> list:
-    """The tensors (and slices) a budget compile with `recipe` decides, which need measured sensitivities."""
-    base = State(entries=entries_from_state_dict(state_dict), recipe=recipe)
-    for _, fn, config in pipeline.passes_for(recipe, until="plan"):
-        base = fn(base, config)
-    return [e.name for e in allocate.allocatable(base)]
+    return CompileResult(blob=write(state), state=state)
 
 
 def methods_of(state: State) -> list:

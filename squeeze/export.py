@@ -10,8 +10,9 @@ their side, in about five lines:
     if result.is_main:
         print(result.summary())
 
-- `model`: the live module (DDP / torch.compile wrappers are looked through), on any device; its weights are not
-  changed (sensitivity probes restore them exactly) and its train/eval mode is put back.
+- `model`: the live module (DDP / torch.compile wrappers are looked through), on any device; its weights and their
+  `.grad` are not changed (sensitivities come from torch.autograd.grad; probes restore weights exactly) and its
+  train/eval mode is put back.
 - `batches`: token id tensors [B, T] or (inputs, targets) pairs, already on the model's device or not.
 - `forward`: the method that returns logits (default: `forward_logits` when the module has one, else `forward`),
   its name, or any callable batch -> logits or loss. `autocast`: e.g. torch.bfloat16, as the script trains.
@@ -19,6 +20,9 @@ their side, in about five lines:
   summed across ranks (N GPUs see N× the tokens in the same time), GPTQ and the budget's grid pricing are split
   across ranks by tensor and gathered; every rank gets the same artifact and rank 0 writes it, atomically.
 - `time_limit` (seconds): calibration stops after the batch that reaches it, with what it has, and says so.
+- `sensitivities` (with a budget): "fisher" (default: one backward per sequence of the first batch) or "probe"
+  (two forwards per tensor). A forward that returns a loss instead of logits can only be probed: export does that
+  and says so.
 - `code`: files whose bytes count against `budget` as the challenge counts them (your script, the decoder you
   paste), or ints (bytes reserved for code written after export). Without a budget, export warns when artifact +
   code exceed 16,000,000 bytes.
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 from . import calibrate, compiler, parallel
+from .budget import budget_names, compile_to_budget
 from .errors import SqueezeError
 from .recipe import Recipe
 
@@ -66,7 +71,7 @@ class ExportResult:
 
 def export(model: nn.Module, batches, path: str | os.PathLike | None = None, *, recipe: Recipe | None = None,
            budget: int | None = None, code=(), time_limit: float | None = None, forward=None, autocast=None,
-           strict_calib: bool = False, progress: bool = True) -> ExportResult:
+           strict_calib: bool = False, progress: bool = True, sensitivities: str = "fisher") -> ExportResult:
     """Calibrate the live `model` on `batches`, compile it (to `budget` bytes with code, when given) and, on rank 0,
     write the artifact to `path` atomically. See the module docstring."""
     rank, world = parallel.group_size()
@@ -83,11 +88,14 @@ def export(model: nn.Module, batches, path: str | os.PathLike | None = None, *, 
         seconds["calibration"] = time.perf_counter() - t0
         if stopped:
             warnings.append(stopped)
-        sensitivities = {}
+        measured = {}
         if budget is not None:
             t0 = time.perf_counter()
-            targets = compiler.budget_names(model.state_dict(), recipe or Recipe())
-            sensitivities = _sensitivities(model, cal.probe_batch, run, names, targets, progress and rank == 0)
+            targets = budget_names(model.state_dict(), recipe or Recipe())
+            measured, fallback = _sensitivities(model, cal.probe_batch, run, names, targets, progress and rank == 0,
+                                                sensitivities)
+            if fallback:
+                warnings.append(fallback)
             seconds["sensitivities"] = time.perf_counter() - t0
     finally:
         model.train(was_training)
@@ -98,7 +106,7 @@ def export(model: nn.Module, batches, path: str | os.PathLike | None = None, *, 
     recipe = recipe or Recipe()
     if budget is not None:
         log = (lambda line: print(f"squeeze: {line}", flush=True)) if progress and rank == 0 else None
-        result = compiler.compile_to_budget(state_dict, recipe, budget, sensitivities=sensitivities,
+        result = compile_to_budget(state_dict, recipe, budget, sensitivities=measured,
                                             code_bytes=code_bytes, progress=log, **common)
     else:
         result = compiler.compile_state_dict(state_dict, recipe, **common)
@@ -222,25 +230,48 @@ def _calibrate(model, batches, run, names, time_limit, show) -> tuple:
                         source=source, skipped=sums.skipped, probe_batch=batches[0]), stopped
 
 
-def _sensitivities(model, batch, run, names, targets, show) -> dict:
-    """Loss increase per unit weight noise of each of `targets` (what the budget decides), on this rank's first
-    batch, averaged over ranks."""
+class _ReturnsLoss(Exception):
+    """The forward returned a scalar loss, so there are no logits to draw the Fisher's labels from."""
+
+
+def _sensitivities(model, batch, run, names, targets, show, method) -> tuple[dict, str | None]:
+    """(loss increase per unit weight noise of each of `targets` (what the budget decides), on this rank's first
+    batch, averaged over ranks; a warning when the method asked for could not be used)."""
     from .verify.progress import ProgressBar
 
+    if method not in calibrate.SENSITIVITY_METHODS:
+        raise SqueezeError(f"export: sensitivities={method!r}: expected one of "
+                           f"{', '.join(calibrate.SENSITIVITY_METHODS)}")
     params = calibrate.checkpoint_parameters(model, names)
+    raw, fallback = None, None
+    if method == "fisher":
+        def logits_of(unit):
+            out = run(unit)
+            if out.dim() == 0:
+                raise _ReturnsLoss
+            return out
+        units = calibrate.rows_of(batch)
+        bar = ProgressBar("sensitivities", len(units), enabled=show, unit="sequences")
+        try:
+            raw = calibrate.fisher(params, targets, units, logits_of, progress=bar.advance)
+        except _ReturnsLoss:
+            fallback = ("sensitivities: the forward returns a loss, not logits, so they were probed (2 forwards per "
+                        "tensor) instead of taken from one backward; pass forward= the method that returns logits")
+        bar.close()
+    if raw is None:
+        def loss() -> float:
+            return _loss(run(batch), batch)
 
-    def loss() -> float:
-        return _loss(run(batch), batch)
-
-    bar = ProgressBar("probe", len(targets), enabled=show, unit="tensors")
-    raw = calibrate.probe(params, targets, loss, progress=bar.advance)
-    bar.close()
+        bar = ProgressBar("probe", len(targets), enabled=show, unit="tensors")
+        with torch.no_grad():
+            raw = calibrate.probe(params, targets, loss, progress=bar.advance)
+        bar.close()
     rank, world = parallel.group_size()
     if world > 1:
         values = torch.tensor([raw[n] for n in targets], dtype=torch.float64, device=calibrate.collective_device())
         torch.distributed.all_reduce(values)
         raw = dict(zip(targets, (values / world).tolist()))
-    return calibrate.floored(raw)
+    return calibrate.floored(raw), fallback
 
 
 def _loss(out, batch) -> float:

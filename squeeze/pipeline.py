@@ -10,7 +10,8 @@ from .state import PassRecord, State
 
 def passes_for(recipe: Recipe, device: str = "cpu", until: str | None = None) -> list:
     """(name, run, config) for each pass, configs derived from the recipe; `device` is where GPTQ computes; `until`:
-    stop after the pass of that name (compile_to_budget runs the passes up to "plan" once)."""
+    stop after the pass of that name (the budget loop runs the passes up to "plan" once). The allocate pass has no
+    config here: only the budget loop (squeeze/budget.py) gives it one, an allocation."""
     enc = recipe.encode
     passes = [
         ("tie", tie.run, tie.TieConfig()),
@@ -18,7 +19,7 @@ def passes_for(recipe: Recipe, device: str = "cpu", until: str | None = None) ->
                                                            recipe=recipe)),
         ("stack", stack.run, stack.StackConfig(max_float_numel=recipe.keep_float.max_numel)),
         ("plan", plan.run, plan.PlanConfig(recipe=recipe)),
-        ("allocate", allocate.run, allocate.AllocateConfig()),
+        ("allocate", allocate.run, None),
         ("quantize", quantize.run, None),
         ("gptq", gptq.run, gptq.GPTQConfig.from_recipe(recipe, device)),
         ("lowrank", lowrank.run, lowrank.LowRankConfig()),
@@ -32,9 +33,15 @@ def passes_for(recipe: Recipe, device: str = "cpu", until: str | None = None) ->
     return passes
 
 
-def run(state: State, log=None) -> State:
-    """Run every pass; `log` (a callable taking a PassRecord) sees each as it finishes (the CLI's --verbose)."""
-    for name, fn, config in passes_for(state.recipe, state.device):
+def run(state: State, log=None, after: str | None = None, configs: dict | None = None) -> State:
+    """Run every pass (those after the one named `after`, when given); `configs` ({pass name: config}) replaces the
+    recipe's configs of those passes (the budget loop's allocation and GPTQ memo); `log` (a callable taking a
+    PassRecord) sees each pass as it finishes (the CLI's --verbose)."""
+    passes = passes_for(state.recipe, state.device)
+    if after is not None:
+        passes = passes[[name for name, _, _ in passes].index(after) + 1:]
+    for name, fn, config in passes:
+        config = (configs or {}).get(name, config)
         before, t0 = state.nbytes(), time.perf_counter()
         state = fn(state, config)
         record = PassRecord(name=name, seconds=time.perf_counter() - t0, bytes_in=before, bytes_out=state.nbytes())

@@ -450,7 +450,7 @@ class QATHandle:
             state = run_pass(state, pass_config)
             if pass_name == "quantize" and learned:
                 state = _with_scales(state, learned)
-        return compiler._write(state)
+        return compiler.write(state)
 
     # undo ------------------------------------------------------------------------------------------------------
     def remove(self) -> None:

@@ -120,12 +120,18 @@ def codes_for(w2: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.
     return _codes(w2, expand_scales(scales, spec.group, w2.shape[1]), spec.qmax)
 
 
-def choose_clip(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Per-group clip value [R, n_groups] by the spec's method (the "mse" search is done in `choose_scales`)."""
+def group_std(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Each scale group's standard deviation [R, n_groups]: what the "std" clip multiplies by k."""
+    return _per_group(w, group, lambda b: b.std(dim=-1, correction=0))
+
+
+def choose_clip(w: torch.Tensor, spec: QuantSpec, std: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-group clip value [R, n_groups] by the spec's method (the "mse" search is done in `choose_scales`).
+    `std`: group_std(w, spec.group) when the caller has it (the budget's pricing tries many k on one matrix)."""
     if spec.clip == "percentile":
         return _per_group(w, spec.group, lambda b: _quantile(b, spec.clip_value / 100.0))
     if spec.clip == "std":
-        return spec.clip_value * _per_group(w, spec.group, lambda b: b.std(dim=-1, correction=0))
+        return spec.clip_value * (group_std(w, spec.group) if std is None else std)
     return _per_group(w, spec.group, lambda b: b.abs().amax(dim=-1))
 
 
@@ -135,12 +141,13 @@ def as_matrix(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(rows, cols).to(torch.float32)
 
 
-def choose_scales(w2: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def choose_scales(w2: torch.Tensor, spec: QuantSpec, std: torch.Tensor | None = None) -> torch.Tensor:
     """Stored scales [R, n_groups] of a float32 [R, C] matrix by the spec's clip method (unchecked: see
-    `check_scales`). The "mse" method keeps, per group, the candidate clip whose reconstruction error is smallest."""
+    `check_scales`). The "mse" method keeps, per group, the candidate clip whose reconstruction error is smallest.
+    `std`: see choose_clip."""
     cols = w2.shape[1]
     if spec.clip != "mse":
-        return store_scales(choose_clip(w2, spec) / spec.qmax, spec)
+        return store_scales(choose_clip(w2, spec, std) / spec.qmax, spec)
     absmax = _per_group(w2, spec.group, lambda b: b.abs().amax(dim=-1))
     best_err = best_scales = None
     # candidates as 0-d float32 tensors, not .tolist() floats: the same products, and torch.compile traces them
@@ -158,14 +165,15 @@ def choose_scales(w2: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return best_scales
 
 
-def quantize(w: torch.Tensor, spec: QuantSpec, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(w: torch.Tensor, spec: QuantSpec, name: str = "tensor",
+             std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a float tensor. Returns (codes int8 [R, C], scales [R, n_groups] in spec.scale_dtype).
 
     Codes are computed against the *stored* (rounded) scales, so decoding reproduces exactly what was chosen here.
-    squeeze.qat's fake-quant calls the same `choose_scales`, `codes_for` and `dequantize`.
+    squeeze.qat's fake-quant calls the same `choose_scales`, `codes_for` and `dequantize`. `std`: see choose_clip.
     """
     w2 = as_matrix(w.detach())
-    scales = choose_scales(w2, spec)
+    scales = choose_scales(w2, spec, std)
     check_scales(scales, spec, name)
     return codes_for(w2, scales, spec).to(torch.int8), scales
 

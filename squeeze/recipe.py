@@ -9,6 +9,9 @@
     max_numel = 65536
     [encode]
     codec = "brotli"
+    [budget]                   # optional: what compile --budget may choose per matrix (passes/allocate.py)
+    bits_choices = [4, 5, 6]   # also clip_k_choices, group_choices ([] for per-row scales only), lowrank_ranks,
+    float_option = false       # float_option (may a tensor stay f16)
     [roles]                    # optional: roles for names classify's name rules miss (a bank "w_bank" -> mlp)
     attention = ["qo_bank", "kv_bank"]
     [[rules]]                  # ordered; the first rule whose `match` (and `role`, if given) fits a tensor wins
@@ -20,6 +23,7 @@ Unknown keys and invalid values raise RecipeError naming the file, the line and 
 """
 import dataclasses
 import fnmatch
+import functools
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -88,6 +92,16 @@ class GPTQSettings:
 
 
 @dataclass(frozen=True)
+class BudgetSettings:
+    """[budget]: the candidates of the budget allocator (compile --budget; AllocateConfig in passes/allocate.py)."""
+    bits_choices: tuple = (2, 3, 4, 5, 6, 7, 8)
+    clip_k_choices: tuple = (2.5, 3.5, 5.0, 7.0, 10.0, 14.0)   # std clips k (step = k·σ / qmax)
+    group_choices: tuple = (128,)  # scale groups tried besides one scale per row; () for rows only
+    lowrank_ranks: tuple = ()      # low-rank correction ranks offered; () for none
+    float_option: bool = True      # may a tensor stay f16
+
+
+@dataclass(frozen=True)
 class Rule:
     match: tuple                   # patterns: globs or "re:..." regexes
     role: tuple = ()               # empty: any role
@@ -122,6 +136,7 @@ class Recipe:
     # bought ~30 on the fixture's scales)
     encode: EncodeSettings = EncodeSettings(candidates=("brotli", "rans"))
     gptq: GPTQSettings = GPTQSettings()
+    budget: BudgetSettings = BudgetSettings()
     roles: tuple = ()              # ((role, patterns), ...) from [roles]: names whose role the name rules miss
     source: str = "<built-in>"
 
@@ -160,12 +175,107 @@ def _match(pattern: str, name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parsing and validation
+# The schema: each table's keys, with the TOML type, the values allowed, what an error expects and how it is stored
 
-_SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(TensorSettings)}
-_KEEP_FLOAT_KEYS = {f.name for f in dataclasses.fields(KeepFloat)}
-_ENCODE_KEYS = {"group_by", "candidates", "shuffle", "codec"} | {f.name for f in dataclasses.fields(EncodeParams)}
-_TOP_KEYS = {"name", "description", "defaults", "keep_float", "encode", "gptq", "rules", "roles"}
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_KINDS = {int: (_int, "expected an integer"), float: (_number, "expected a number"),
+          str: (lambda v: isinstance(v, str), "expected a string"), list: (lambda v: isinstance(v, list), ""),
+          bool: (lambda v: isinstance(v, bool), "expected true or false")}
+
+
+def _field(kind, allowed=None, expect="", store=None, typed=False, bare=False):
+    """A key's check, `(key, value) -> (error or None, stored value)`. `allowed`: a test of a value of the kind, or
+    the allowed values (expected as '"a", "b" or "c"' unless `expect` says otherwise). The error reads
+    "{key} = {value!r}: {expect}", or just `expect` if `bare`; if `typed`, a value of another kind gets its kind's
+    message first. Numbers are stored as floats and lists as tuples unless `store` says otherwise."""
+    is_kind, kind_expect = _KINDS[kind]
+    if isinstance(allowed, (tuple, set, dict)):
+        expect = expect or f"expected {_either(*allowed)}"
+        allowed = allowed.__contains__
+    expect, store = expect or kind_expect, store or {float: float, list: tuple}.get(kind, lambda v: v)
+
+    def check(key, value):
+        if is_kind(value) and (allowed is None or allowed(value)):
+            return None, store(value)
+        error = kind_expect if typed and not is_kind(value) else expect
+        return (error if bare else f"{key} = {value!r}: {error}"), None
+    return check
+
+
+def _either(*names) -> str:
+    return ", ".join(f'"{n}"' for n in names[:-1]) + f' or "{names[-1]}"'
+
+
+def _int_in(lo: int, hi: int):
+    return _field(int, lambda v: lo <= v <= hi, f"expected an integer in {lo}..{hi}")
+
+
+def _each(element, non_empty=False, distinct=False):
+    """A test of a list: each element passes `element`; the list is non-empty and its elements distinct if asked."""
+    return lambda v: (v or not non_empty) and all(map(element, v)) and (not distinct or len(set(v)) == len(v))
+
+
+_setting = functools.partial(_field, typed=True)  # TensorSettings' keys: a wrong type is named first
+_INF = float("inf")
+_FLOAT_DTYPE = (str, _FLOAT_NAMES, f"expected {_FLOAT_CHOICES}", _FLOAT_NAMES.get)
+_CODEC = _setting(str, ("auto",) + codecs.NAMES, f"expected \"auto\" or one of {', '.join(codecs.NAMES)}")
+
+_SETTINGS = {                                                          # [defaults] and [[rules]]: TensorSettings
+    "scheme": _setting(str, ("int", "float")),
+    "bits": _setting(int, lambda v: 2 <= v <= 8, "bits must be 2..8"),
+    "group_size": _setting(int, lambda v: v >= 0, "group_size must be 0 (per row) or positive"),
+    "clip": _setting(str, CLIP_METHODS, f"expected one of {', '.join(CLIP_METHODS)}"),
+    "clip_percentile": _setting(float, lambda v: 0 < v <= 100, "clip_percentile must be in (0, 100]"),
+    "clip_std_k": _setting(float, lambda v: 0 < v < _INF, "clip_std_k must be a positive, finite number"),
+    "mse_grid": _setting(int, lambda v: 1 <= v <= 1024, "mse_grid must be 1..1024"),
+    "scale_dtype": _setting(str, {n for n, d in _FLOAT_NAMES.items() if d in ("f16", "bf16", "f32")},
+                            f"expected {_either('fp16', 'bf16', 'fp32')}", _FLOAT_NAMES.get),
+    "scale_min": _setting(float, lambda v: 0 <= v < _INF, "scale_min must be a finite number >= 0"),
+    "float_dtype": _setting(*_FLOAT_DTYPE),
+    "pack": _setting(str, ("auto", "byte", "dense")),
+    "codec": _CODEC,
+    "method": _setting(str, ("auto", "rtn", "gptq")),
+    "lowrank_rank": _setting(int, lambda v: 0 <= v <= 256, "lowrank_rank must be 0 (none) .. 256 (the format's bound)"),
+}
+_KEEP_FLOAT = {                                                        # KeepFloat
+    "max_numel": _field(int, lambda v: v >= 0, "expected a non-negative integer"),
+    "control_patterns": _field(list, _each(lambda p: isinstance(p, str) and p),
+                               "control_patterns must be a list of non-empty strings", bare=True),
+    "control_dtype": _field(*_FLOAT_DTYPE),
+    "small_dtype": _field(*_FLOAT_DTYPE),
+}
+_ENCODE = {                                                            # EncodeSettings, EncodeParams, and `codec`:
+    "group_by": _field(str, ("role", "tensor", "all")),                # shorthand for [defaults] codec
+    "candidates": _field(list, _each(codecs.NAMES.__contains__, non_empty=True),
+                         f"expected a list of {', '.join(codecs.NAMES)}"),
+    "shuffle": _field(str, ("auto", "off")),
+    "codec": _CODEC,
+    "zlib_level": _int_in(0, 9), "zstd_level": _int_in(1, 22), "brotli_quality": _int_in(0, 11),
+    "brotli_window": _int_in(10, 24), "lzma_preset": _int_in(0, 9), "lzma_extreme": _field(bool),
+}
+_GPTQ = {                                                              # GPTQSettings
+    "block_size": _int_in(1, 65536),
+    "damp": _field(float, lambda v: 0 < v <= 1, "expected a number in (0, 1]"),
+    "act_order": _field(bool),
+}
+_BUDGET = {                                                            # BudgetSettings
+    "bits_choices": _field(list, _each(lambda b: _int(b) and 2 <= b <= 8, non_empty=True, distinct=True),
+                           "expected a non-empty list of distinct integers in 2..8"),
+    "clip_k_choices": _field(list, _each(lambda k: _number(k) and 0 < k < _INF, non_empty=True),
+                             "expected a non-empty list of positive, finite numbers", lambda v: tuple(map(float, v))),
+    "group_choices": _field(list, _each(lambda g: _int(g) and g > 0), "expected a list of positive integers"),
+    "lowrank_ranks": _field(list, _each(lambda r: _int(r) and 1 <= r <= 256), "expected a list of integers in 1..256"),
+    "float_option": _field(bool),
+}
+_TABLES = ("defaults", "keep_float", "encode", "gptq", "roles", "budget")
+_TOP_KEYS = {"name", "description", "rules", *_TABLES}
 
 
 class _Checker:
@@ -198,63 +308,18 @@ class _Checker:
         where = f"{self.path}:{line}" if line else self.path
         raise RecipeError(f"{where}: {message}")
 
-
-def _check_setting(chk: _Checker, table: str, key: str, value, index: int = 0):
-    """Type- and range-check one TensorSettings value; returns it normalized."""
-    def bad(msg):
-        chk.fail(table, key, f"{key} = {value!r}: {msg}", index)
-
-    expected = _SETTING_TYPES[key]
-    if expected in ("int", int) and (not isinstance(value, int) or isinstance(value, bool)):
-        bad("expected an integer")
-    if expected in ("float", float) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-        bad("expected a number")
-    if expected in ("str", str) and not isinstance(value, str):
-        bad("expected a string")
-    if key == "scheme" and value not in ("int", "float"):
-        bad('expected "int" or "float"')
-    if key == "bits" and not 2 <= value <= 8:
-        bad("bits must be 2..8")
-    if key == "group_size" and value < 0:
-        bad("group_size must be 0 (per row) or positive")
-    if key == "clip" and value not in CLIP_METHODS:
-        bad(f"expected one of {', '.join(CLIP_METHODS)}")
-    if key == "clip_percentile" and not 0 < value <= 100:
-        bad("clip_percentile must be in (0, 100]")
-    if key == "clip_std_k" and not 0 < value < float("inf"):
-        bad("clip_std_k must be a positive, finite number")
-    if key == "scale_min" and not 0 <= value < float("inf"):
-        bad("scale_min must be a finite number >= 0")
-    if key == "lowrank_rank" and not 0 <= value <= 256:
-        bad("lowrank_rank must be 0 (none) .. 256 (the format's bound)")
-    if key == "mse_grid" and not 1 <= value <= 1024:
-        bad("mse_grid must be 1..1024")
-    if key == "scale_dtype":
-        if _FLOAT_NAMES.get(value) not in ("f16", "bf16", "f32"):
-            bad('expected "fp16", "bf16" or "fp32"')
-        value = _FLOAT_NAMES[value]
-    if key == "float_dtype":
-        if value not in _FLOAT_NAMES:
-            bad(f"expected {_FLOAT_CHOICES}")
-        value = _FLOAT_NAMES[value]
-    if key == "pack" and value not in ("auto", "byte", "dense"):
-        bad('expected "auto", "byte" or "dense"')
-    if key == "method" and value not in ("auto", "rtn", "gptq"):
-        bad('expected "auto", "rtn" or "gptq"')
-    if key == "codec" and value != "auto" and value not in codecs.NAMES:
-        bad(f"expected \"auto\" or one of {', '.join(codecs.NAMES)}")
-    return float(value) if expected in ("float", float) else value
-
-
-def _settings_table(chk: _Checker, table: str, data: dict, index: int = 0, allowed_extra=()) -> dict:
-    out = {}
-    for key, value in data.items():
-        if key in allowed_extra:
-            continue
-        if key not in _SETTING_TYPES:
-            chk.fail(table, key, f"unknown key {key!r} in [{table}]", index)
-        out[key] = _check_setting(chk, table, key, value, index)
-    return out
+    def table(self, table: str, data: dict, schema: dict, index: int = 0, skip=()) -> dict:
+        """The table's values, checked against `schema` key by key in the file's order, as stored."""
+        out = {}
+        for key, value in data.items():
+            if key in skip:
+                continue
+            if key not in schema:
+                self.fail(table, key, f"unknown key {key!r} in [{table}]", index)
+            error, out[key] = schema[key](key, value)
+            if error:
+                self.fail(table, key, error, index)
+        return out
 
 
 def _string_list(chk, table, key, value, index=0) -> tuple:
@@ -282,15 +347,16 @@ def parse(text: str, path: str = "<recipe>") -> Recipe:
     for key in ("name", "description"):
         if key in data and not isinstance(data[key], str):
             chk.fail("", key, f"{key} must be a string")
-    for key in ("defaults", "keep_float", "encode", "gptq", "roles"):
+    for key in _TABLES:
         if key in data and not isinstance(data[key], dict):
             chk.fail("", key, f"{key} must be a table [{key}]")
 
-    defaults = TensorSettings(**_settings_table(chk, "defaults", data.get("defaults", {})))
-    keep_float = _parse_keep_float(chk, data.get("keep_float", {}))
-    encode, encode_codec = _parse_encode(chk, data.get("encode", {}))
-    if encode_codec is not None:  # [encode] codec = "..." is shorthand for the default codec of every tensor
-        defaults = dataclasses.replace(defaults, codec=encode_codec)
+    defaults = TensorSettings(**chk.table("defaults", data.get("defaults", {}), _SETTINGS))
+    keep_float = KeepFloat(**chk.table("keep_float", data.get("keep_float", {}), _KEEP_FLOAT))
+    encode = chk.table("encode", data.get("encode", {}), _ENCODE)
+    if "codec" in encode:  # [encode] codec = "..." is shorthand for the default codec of every tensor
+        defaults = dataclasses.replace(defaults, codec=encode.pop("codec"))
+    params = {key: encode.pop(key) for key in list(encode) if key in EncodeParams.__dataclass_fields__}
 
     rules = []
     raw_rules = data.get("rules", [])
@@ -307,7 +373,7 @@ def parse(text: str, path: str = "<recipe>") -> Recipe:
         for r in role:
             if r not in ROLES:
                 chk.fail("rules", "role", f"role = {r!r}: expected one of {', '.join(ROLES)}", i)
-        overrides = _settings_table(chk, "rules", rule, i, allowed_extra=("match", "role"))
+        overrides = chk.table("rules", rule, _SETTINGS, i, skip=("match", "role"))
         rules.append(Rule(match=match, role=role, overrides=tuple(overrides.items()),
                           line=chk.line_of("rules", "match", i)))
     roles = []
@@ -316,79 +382,11 @@ def parse(text: str, path: str = "<recipe>") -> Recipe:
             chk.fail("roles", role, f"unknown role {role!r} in [roles] (expected one of {', '.join(ROLES)})")
         roles.append((role, _string_list(chk, "roles", role, patterns)))
     return Recipe(name=data.get("name", Path(path).stem), description=data.get("description", ""),
-                  defaults=defaults, keep_float=keep_float, rules=tuple(rules), encode=encode,
-                  gptq=_parse_gptq(chk, data.get("gptq", {})), roles=tuple(roles), source=path)
-
-
-def _parse_gptq(chk: _Checker, data: dict) -> GPTQSettings:
-    out = {}
-    for key, value in data.items():
-        if key == "block_size":
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65536:
-                chk.fail("gptq", key, f"block_size = {value!r}: expected an integer in 1..65536")
-        elif key == "damp":
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
-                chk.fail("gptq", key, f"damp = {value!r}: expected a number in (0, 1]")
-            value = float(value)
-        elif key == "act_order":
-            if not isinstance(value, bool):
-                chk.fail("gptq", key, f"act_order = {value!r}: expected true or false")
-        else:
-            chk.fail("gptq", key, f"unknown key {key!r} in [gptq]")
-        out[key] = value
-    return GPTQSettings(**out)
-
-
-def _parse_keep_float(chk: _Checker, data: dict) -> KeepFloat:
-    out = {}
-    for key, value in data.items():
-        if key not in _KEEP_FLOAT_KEYS:
-            chk.fail("keep_float", key, f"unknown key {key!r} in [keep_float]")
-        if key == "max_numel" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            chk.fail("keep_float", key, f"max_numel = {value!r}: expected a non-negative integer")
-        if key in ("control_dtype", "small_dtype"):
-            if not isinstance(value, str) or value not in _FLOAT_NAMES:
-                chk.fail("keep_float", key, f"{key} = {value!r}: expected {_FLOAT_CHOICES}")
-            value = _FLOAT_NAMES[value]
-        if key == "control_patterns":
-            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                chk.fail("keep_float", key, "control_patterns must be a list of non-empty strings")
-            value = tuple(value)
-        out[key] = value
-    return KeepFloat(**out)
-
-
-def _parse_encode(chk: _Checker, data: dict):
-    params, out, codec = {}, {}, None
-    limits = {"zlib_level": (0, 9), "zstd_level": (1, 22), "brotli_quality": (0, 11), "brotli_window": (10, 24),
-              "lzma_preset": (0, 9)}
-    for key, value in data.items():
-        if key not in _ENCODE_KEYS:
-            chk.fail("encode", key, f"unknown key {key!r} in [encode]")
-        if key in limits:
-            lo, hi = limits[key]
-            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-                chk.fail("encode", key, f"{key} = {value!r}: expected an integer in {lo}..{hi}")
-            params[key] = value
-        elif key == "lzma_extreme":
-            if not isinstance(value, bool):
-                chk.fail("encode", key, f"{key} = {value!r}: expected true or false")
-            params[key] = value
-        elif key == "group_by":
-            if value not in ("role", "tensor", "all"):
-                chk.fail("encode", key, f'group_by = {value!r}: expected "role", "tensor" or "all"')
-            out[key] = value
-        elif key == "shuffle":
-            if value not in ("auto", "off"):
-                chk.fail("encode", key, f'shuffle = {value!r}: expected "auto" or "off"')
-            out[key] = value
-        elif key == "candidates":
-            if not isinstance(value, list) or not value or any(v not in codecs.NAMES for v in value):
-                chk.fail("encode", key, f"candidates = {value!r}: expected a list of {', '.join(codecs.NAMES)}")
-            out[key] = tuple(value)
-        elif key == "codec":
-            codec = _check_setting(chk, "encode", "codec", value)
-    return EncodeSettings(params=EncodeParams(**params), **out), codec
+                  defaults=defaults, keep_float=keep_float, rules=tuple(rules),
+                  encode=EncodeSettings(params=EncodeParams(**params), **encode),
+                  gptq=GPTQSettings(**chk.table("gptq", data.get("gptq", {}), _GPTQ)),
+                  budget=BudgetSettings(**chk.table("budget", data.get("budget", {}), _BUDGET)),
+                  roles=tuple(roles), source=path)
 
 
 def load(path) -> Recipe:

@@ -76,13 +76,8 @@ class State:
     sensitivities: dict = field(default_factory=dict)  # parameter name -> loss increase per unit noise variance
     calibration_skips: dict = field(default_factory=dict)  # parameter name -> why calibration found no Hessian
     strict_calib: bool = False          # a quantized matrix without a usable Hessian is an error, not RTN
-    allocation_pool: int | None = None  # bytes the allocate pass may spend on the tensors it decides (budget mode)
-    allocation_options: dict = field(default_factory=dict)  # name -> hull of Options, computed once per budget
-    allocated_bytes: float = 0.0        # the allocate pass's estimate of what it spent
     predicted_loss: float | None = None  # predicted loss increase of a budget compile (allocate.predicted_loss)
     device: str = "cpu"                 # where passes that can use an accelerator compute (GPTQ)
-    # (tensor, grid, config) -> GPTQ's result, shared by the rounds of one budget compile (passes/gptq.py)
-    gptq_memo: dict | None = field(default=None, compare=False, repr=False)
     sections: tuple = ()
     log: tuple = ()
 

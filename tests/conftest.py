@@ -32,3 +32,27 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype == torch.bool:
         return torch.equal(a, b)
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Test tiers: plain `pytest -q` runs the fast tier (minutes); `pytest -q --slow` runs every test, as .ci/run does.
+# A test is slow when it compiles the whole fixture to a budget, trains, or starts processes: mark it
+# `@pytest.mark.slow` (or list its module in SLOW_MODULES when all of it is).
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the slow tier (what .ci/run runs)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: in the slow tier, run with --slow (CI runs every tier)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    fast, slow = [], []
+    for item in items:
+        (slow if item.get_closest_marker("slow") else fast).append(item)
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = fast

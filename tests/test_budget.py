@@ -72,11 +72,12 @@ def heldout_loss(state_dict) -> float:
     return model.loss(text[:-1].reshape(32, 256), text[1:].reshape(32, 256)).item()
 
 
+@pytest.mark.slow
 def test_budget_is_never_exceeded_and_beats_one_uniform_grid(fixture_sd, calibration):
     uniform = squeeze.compile(fixture_sd, RECIPE, calibration.hessians)
     sizes = []
     for budget, code in ((len(uniform), 0), (len(uniform), 20_000), (int(0.8 * len(uniform)), 4_000)):
-        result = compiler.compile_to_budget(fixture_sd, RECIPE, budget, sensitivities=calibration.sensitivities,
+        result = squeeze.compile_to_budget(fixture_sd, RECIPE, budget, sensitivities=calibration.sensitivities,
                                             hessians=calibration.hessians, code_bytes=code)
         assert len(result.blob) + code <= budget
         sizes.append(len(result.blob))
@@ -87,14 +88,16 @@ def test_budget_is_never_exceeded_and_beats_one_uniform_grid(fixture_sd, calibra
     assert heldout_loss(squeeze.load(same_bytes)) < heldout_loss(squeeze.load(uniform))
 
 
+@pytest.mark.slow
 def test_budget_is_deterministic_and_says_when_too_small(fixture_sd, calibration):
     kwargs = dict(sensitivities=calibration.sensitivities, hessians=calibration.hessians)
-    a = compiler.compile_to_budget(fixture_sd, RECIPE, 800_000, **kwargs).blob
-    assert a == compiler.compile_to_budget(fixture_sd, RECIPE, 800_000, **kwargs).blob
+    a = squeeze.compile_to_budget(fixture_sd, RECIPE, 800_000, **kwargs).blob
+    assert a == squeeze.compile_to_budget(fixture_sd, RECIPE, 800_000, **kwargs).blob
     with pytest.raises(SqueezeError, match="budget 100,000 bytes is too small: the smallest artifact"):
-        compiler.compile_to_budget(fixture_sd, RECIPE, 100_000, **kwargs)
+        squeeze.compile_to_budget(fixture_sd, RECIPE, 100_000, **kwargs)
 
 
+@pytest.mark.slow
 def test_cli_budget(tmp_path):
     from click.testing import CliRunner
     from squeeze.cli import main
@@ -107,6 +110,7 @@ def test_cli_budget(tmp_path):
     assert result.exit_code == 2 and "--budget needs calibration" in result.output
 
 
+@pytest.mark.slow
 def test_gptq_tensors_are_priced_on_gptq_codes(fixture_sd, calibration):
     """Where the gptq pass will refine a tensor, the allocator scores each grid on the codes GPTQ gives it: lower
     predicted loss than round-to-nearest's on the same grid, and the header's prediction of a budget compile is
@@ -119,19 +123,20 @@ def test_gptq_tensors_are_priced_on_gptq_codes(fixture_sd, calibration):
     rtn_by_grid = {(o.bits, o.clip_k, o.group): o for o in rtn}
     shared = [o for o in with_gptq if (o.bits, o.clip_k, o.group) in rtn_by_grid and not o.keep_float]
     assert shared and all(o.loss < rtn_by_grid[(o.bits, o.clip_k, o.group)].loss for o in shared)
-    result = compiler.compile_to_budget(fixture_sd, RECIPE, 800_000, sensitivities=calibration.sensitivities,
+    result = squeeze.compile_to_budget(fixture_sd, RECIPE, 800_000, sensitivities=calibration.sensitivities,
                                         hessians=calibration.hessians)
     predicted = float(squeeze.format.read(result.blob).header["meta"]["predicted_loss_increase"])
     assert predicted == pytest.approx(allocate_module.predicted_loss(result.state), rel=1e-3) and predicted > 0
 
 
+@pytest.mark.slow
 def test_budget_compile_of_a_checkpoint_with_identical_tensors(fixture_sd, calibration):
     """Untrained control tensors are often bit-identical (all ones); the tie pass aliases them before the budget
     rounds, and the rounds' own pipeline runs must take the aliases as they are."""
     sd = dict(fixture_sd)
     sd["blocks.0.attn_scale"] = torch.ones_like(sd["blocks.0.attn_scale"])
     sd["blocks.0.mlp_scale"] = torch.ones_like(sd["blocks.0.mlp_scale"])
-    result = compiler.compile_to_budget(sd, RECIPE, 900_000, sensitivities=calibration.sensitivities,
+    result = squeeze.compile_to_budget(sd, RECIPE, 900_000, sensitivities=calibration.sensitivities,
                                         hessians=calibration.hessians)
     assert len(result.blob) <= 900_000
     assert result.state.entry("blocks.0.mlp_scale").alias_of == "blocks.0.attn_scale"

@@ -200,6 +200,7 @@ def test_an_older_report_without_bytes_reads_as_the_table(artifact, tmp_path):
 
 # ---------------------------------------------------------------- torchrun
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_sum_sidecar_bytes_as_one(artifact, lut_counts, tmp_path):
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():

@@ -19,6 +19,7 @@ def run(*args, cwd=ROOT):
                           cwd=cwd)
 
 
+@pytest.mark.slow
 def test_compile_inspect_emit_decoder_end_to_end(tmp_path):
     out = tmp_path / "model.sqz"
     r = run("compile", CKPT, "--recipe", RECIPES / "int8-baseline.toml", "-o", out, "--verbose")
@@ -41,6 +42,7 @@ def test_compile_inspect_emit_decoder_end_to_end(tmp_path):
     assert r.stdout.split() == [str(len(torch.load(CKPT, weights_only=True))), "True"], r.stderr
 
 
+@pytest.mark.slow
 def test_default_recipe_and_nested_and_safetensors_checkpoints(tmp_path, fixture_small):
     from safetensors.torch import save_file
     torch.save({"model": fixture_small, "step": 10}, tmp_path / "nested.pt")
@@ -73,6 +75,7 @@ def test_unknown_recipe_key(tmp_path):
     assert not (tmp_path / "m.sqz").exists()
 
 
+@pytest.mark.slow
 def test_damaged_artifact(tmp_path):
     out = tmp_path / "m.sqz"
     assert run("compile", CKPT, "-o", out).returncode == 0
@@ -88,6 +91,7 @@ def test_damaged_artifact(tmp_path):
         f"squeeze: error: {out}: section {last['index']} ({last['name']}): truncated")
 
 
+@pytest.mark.slow
 def test_pickled_objects_are_refused(tmp_path):
     # training scripts often save their argparse namespace beside the weights; weights_only loading refuses it
     torch.save({"model": argparse.Namespace(lr=0.1)}, tmp_path / "evil.pt")
@@ -101,6 +105,7 @@ def test_pickled_objects_are_refused(tmp_path):
     (None, "no such checkpoint file"),
     (b"not a checkpoint", "not a readable PyTorch checkpoint"),
 ])
+@pytest.mark.slow
 def test_bad_checkpoints(tmp_path, content, message):
     ckpt = tmp_path / "c.pt"
     if content is not None:
@@ -109,6 +114,7 @@ def test_bad_checkpoints(tmp_path, content, message):
     assert line.startswith(f"squeeze: error: {ckpt}: {message}")
 
 
+@pytest.mark.slow
 def test_nan_is_reported_by_tensor_name(tmp_path, fixture_small):
     sd = dict(fixture_small)
     sd["blocks.0.mlp.fc.weight"] = sd["blocks.0.mlp.fc.weight"].clone()
@@ -122,6 +128,7 @@ def test_nan_is_reported_by_tensor_name(tmp_path, fixture_small):
     assert existing.read_bytes() == b"precious"  # nothing lost
 
 
+@pytest.mark.slow
 def test_not_an_artifact(tmp_path):
     bogus = tmp_path / "x.sqz"
     bogus.write_bytes(b"hello world, this is not an artifact")

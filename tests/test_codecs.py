@@ -19,6 +19,7 @@ def test_round_trip(name, data):
     assert codecs.decode(name, stored, len(data), "s") == data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in codecs.NAMES if n != "raw"])
 def test_decoding_stops_at_the_declared_size(name):
     """A stream that inflates past its declared size (a bomb) is refused without producing the whole output."""

@@ -56,6 +56,7 @@ def assert_same(a: dict, b: dict):
         assert bitwise_equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("codec", codecs.NAMES)
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_emitted_decoder_equals_library(tmp_path, mixed_sd, codec, bits):
@@ -70,6 +71,7 @@ def test_emitted_decoder_equals_library(tmp_path, mixed_sd, codec, bits):
     assert lib["blocks.0.attn.c_k.weight"].dtype == torch.float64
 
 
+@pytest.mark.slow
 def test_decoder_is_tiny_for_int_n_brotli(tmp_path, fixture_sd):
     blob = squeeze.compile(fixture_sd)  # default recipe: int6/int8 + brotli
     source = decoder.emit_for(blob)
@@ -204,6 +206,7 @@ def test_features_are_emitted_only_when_used_and_refused_by_name_otherwise(tmp_p
                 assert err.value.__suppress_context__
 
 
+@pytest.mark.slow
 def test_decoder_sizes(fixture_small):
     """The decoder's bytes per format feature (brotli + rans sections), plain and self-extracting."""
     sizes = {}

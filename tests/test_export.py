@@ -61,7 +61,8 @@ def test_export_writes_a_budgeted_artifact_with_gptq_everywhere(exported):
 def test_export_leaves_the_model_as_it_was(exported):
     model, before, _, _ = exported
     assert model.training  # train mode put back
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # probes undone exactly
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())  # sensitivities never touch .grad
 
 
 def test_export_equals_compile_with_the_same_calibration(exported):
@@ -98,12 +99,25 @@ def test_a_forward_returning_the_loss_and_autocast_calibrate_too():
                                                        ("mlp_down_bank", 4)) for i in range(n)])
 
 
+@pytest.mark.slow
+def test_a_budget_through_a_forward_returning_the_loss_probes_and_says_so():
+    """No logits, no labels to draw for the Fisher: sensitivities are probed instead, and the result says so."""
+    model, _ = banked_model()
+    result = squeeze.export(model, calibration_batches()[:1], recipe=RECIPE, budget=BUDGET,
+                            forward=lambda b: model(*b), progress=False)
+    assert result.warnings == ["sensitivities: the forward returns a loss, not logits, so they were probed (2 "
+                               "forwards per tensor) instead of taken from one backward; pass forward= the method "
+                               "that returns logits"]
+    assert result.total_bytes <= BUDGET
+
+
 def test_bad_code_file_is_one_line():
     model, _ = banked_model()
     with pytest.raises(squeeze.SqueezeError, match=r"^nope\.py: cannot count code bytes"):
         squeeze.export(model, calibration_batches()[:1], code=["nope.py"], progress=False)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_sum_their_hessians_and_split_gptq(tmp_path, exported):
     """Each rank calibrates half the batches; the summed Hessians are those of all batches in one process, and
     the artifact rank 0 writes decodes like the one-process export (GPTQ split across ranks by tensor)."""
@@ -123,6 +137,7 @@ def test_two_gloo_ranks_sum_their_hessians_and_split_gptq(tmp_path, exported):
     assert len(out.read_bytes()) <= BUDGET and list(a) == list(b)
 
 
+@pytest.mark.slow
 def test_the_example_training_script_exports_and_round_trips(tmp_path):
     out = tmp_path / "final_model.sqz"
     r = subprocess.run([sys.executable, str(ROOT / "examples/train_gpt_export.py"), "--steps", "20", "--dim", "64",

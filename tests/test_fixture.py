@@ -53,6 +53,7 @@ def test_int8_baseline_recipe_is_no_larger_than_the_challenge_export(fixture_sd)
     assert len(ours) <= 1.01 * len(baseline_artifact(fixture_sd))
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_decoded_model_scores_like_the_original(fixture_sd):
     """Real behaviour: the int8 round trip barely moves the validation loss; int6 moves it a little more."""

@@ -57,6 +57,7 @@ def baseline_blob(fixture_small):
     return squeeze.compile(fixture_small, squeeze.Recipe.load(RECIPES / "int8-baseline.toml"))
 
 
+@pytest.mark.slow
 def test_compile_is_deterministic(fixture_sd):
     recipe = squeeze.Recipe()
     assert squeeze.compile(fixture_sd, recipe) == squeeze.compile(dict(fixture_sd), recipe)

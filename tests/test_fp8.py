@@ -224,6 +224,7 @@ def test_fp8_storage_refuses_what_it_cannot_hold(code, fits, over):
             squeeze.compile({"w": w}, recipe)
 
 
+@pytest.mark.slow
 def test_fp8_decoder_lines_only_when_used(fixture_small):
     plain = decoder.emit(["brotli", "rans"], minor=3)
     fp8 = decoder.emit(["brotli", "rans"], minor=3, fp8=True)

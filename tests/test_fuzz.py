@@ -73,6 +73,7 @@ def test_header_field_edits(seeds, seed_name, rng, value):
 @settings(max_examples=150, **CI)
 @given(seed_name=st.sampled_from(["rans", "brotli", "zstd", "lzma", "default"]), rng=st.randoms(use_true_random=False),
        edits=st.lists(st.sampled_from([damage_section_bytes, damage_rans_model]), min_size=1, max_size=2))
+@pytest.mark.slow
 def test_damaged_sections_behind_valid_checksums(seeds, seed_name, rng, edits):
     """Stored section bytes and rans models damaged with sizes and CRCs re-declared: the codecs must refuse them."""
     parts = parts_of(seeds[seed_name])
@@ -203,6 +204,7 @@ RECIPE_DICTS = st.fixed_dictionaries({}, optional={
     "rules": st.lists(st.one_of(_table(SETTING_KEYS + ["match", "role"]), VALUES), max_size=3)})
 
 
+@pytest.mark.slow
 @settings(max_examples=300, **CI)
 @given(doc=RECIPE_DICTS)
 def test_recipe_parser_on_recipe_shaped_documents(doc):

@@ -60,6 +60,7 @@ def test_identity_hessian_gives_round_to_nearest():
     assert torch.equal(codes, torch.clamp(torch.round(w / scale), -7, 7).to(torch.int8))
 
 
+@pytest.mark.slow
 def test_gptq_never_loses_to_round_to_nearest_and_lowers_the_loss(fixture_sd, text_calibration):
     """Per layer, never worse than round-to-nearest on the calibration inputs (by construction); for the model,
     lower loss on the calibration text and on held-out text."""
@@ -102,6 +103,7 @@ def test_calibration_inputs_are_checked(fixture_sd, tmp_path):
         calibrate.calibration_for(fixture_sd, calib=str(tmp_path / "train_*.bin"), device="cpu")
 
 
+@pytest.mark.slow
 def test_cli_compiles_with_calibration_shards(tmp_path):
     """Plumbing only: the fixture ships no training shard, so its validation shard stands in here (a user must
     never calibrate on validation data)."""

@@ -39,7 +39,7 @@ def budget_blob(fixture_sd) -> bytes:
     names = [k for k in fixture_sd if k.startswith("blocks.") and k.endswith(".weight")]
     calibration = calibrate.calibrate(model, calibrate.windows_of(stream, 64, 256), sensitivity_names=names)
     uniform = squeeze.compile(fixture_sd, RECIPE)
-    return compiler.compile_to_budget(fixture_sd, RECIPE, int(0.8 * len(uniform)),
+    return squeeze.compile_to_budget(fixture_sd, RECIPE, int(0.8 * len(uniform)),
                                       sensitivities=calibration.sensitivities).blob
 
 

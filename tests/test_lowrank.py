@@ -109,6 +109,7 @@ def int3_pair(fixture_sd, calibration):
                                        hessians=calibration.hessians) for r in (0, 16)]
 
 
+@pytest.mark.slow
 def test_correction_lowers_every_layer_loss_and_the_held_out_loss(int3_pair, calibration):
     plain, corrected = int3_pair
     codes_of = {e.name: e.codes for e in plain.state.entries if e.codes is not None}
@@ -125,6 +126,7 @@ def test_correction_lowers_every_layer_loss_and_the_held_out_loss(int3_pair, cal
         assert text_loss(squeeze.load(corrected.blob), text) < text_loss(squeeze.load(plain.blob), text)
 
 
+@pytest.mark.slow
 def test_loader_and_tiny_decoder_apply_the_correction_bit_exactly(int3_pair, tmp_path):
     _, corrected = int3_pair
     loaded = squeeze.load(corrected.blob)

@@ -175,7 +175,7 @@ def test_sensitivities_of_slices_perturb_only_their_slice(banked_sd):
     model = banked_gpt.build(banked_sd, {})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sens = calibrate.sensitivities(model, TOKENS[:2], ["qo_bank[1]", "mlp_up_bank[3]", "tok_emb.weight"],
-                                   forward=model.forward_logits, checkpoint_names=list(banked_sd))
+                                   forward=model.forward_logits, checkpoint_names=list(banked_sd), method="probe")
     assert sorted(sens) == ["mlp_up_bank[3]", "qo_bank[1]", "tok_emb.weight"]
     assert all(v > 0 for v in sens.values())
     after = model.state_dict()
@@ -233,7 +233,7 @@ def test_sensitivities_equal_the_loss_curvature_along_the_probe_noise(baseline64
         assert small[n] == pytest.approx(want[n], rel=1e-3), n
     assert small[BENT] == 0.0
 
-    sens = calibrate.sensitivities(baseline64, batch, names, noise=0.01)
+    sens = calibrate.sensitivities(baseline64, batch, names, noise=0.01, method="probe")
     for n in SMOOTH:
         assert sens[n] == pytest.approx(want[n], rel=0.02), n
     assert sens[BENT] == pytest.approx(0.01 * sorted(sens[n] for n in SMOOTH)[1], rel=1e-12)

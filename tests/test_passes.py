@@ -1,6 +1,7 @@
 """Each pass on the fixture: tie, classify, plan, quantize, pack, encode, and the pipeline's log."""
 import dataclasses
 
+import pytest
 import torch
 
 import squeeze
@@ -25,6 +26,7 @@ def run_until(sd, last, recipe=None):
             return state
 
 
+@pytest.mark.slow
 def test_tie_finds_shared_identical_and_transposed(fixture_small):
     sd = dict(fixture_small)
     emb = sd["tok_emb.weight"]
@@ -74,6 +76,7 @@ def test_plan_follows_the_baseline_routing(fixture_sd):
     assert plans["tok_emb.weight"].pack == "byte"
 
 
+@pytest.mark.slow
 def test_quantize_and_pack_reconstruct_what_load_returns(fixture_sd):
     state = run_until(fixture_sd, "pack", squeeze.Recipe())
     out = squeeze.load(squeeze.compile(fixture_sd))
@@ -104,6 +107,7 @@ def test_encode_auto_keeps_the_smallest_candidate(fixture_small):
             assert a.name == s.name and len(a.stored) <= len(s.stored)
 
 
+@pytest.mark.slow
 def test_encode_groups_by_role(fixture_sd):
     # the fixture's attention matrices have <= 65,536 elements, so quantize them explicitly
     recipe = parse('[defaults]\nbits = 6\n[keep_float]\nmax_numel = 4096\n[encode]\ncodec = "brotli"\n', "r.toml")

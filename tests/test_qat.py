@@ -195,6 +195,7 @@ def test_enable_disable_schedule_and_remove(block_sd, tokens):
         handle.enable()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learn_scales", [False, True])
 def test_compiled_forward_equals_eager_and_gradients_flow(block_sd, tokens, learn_scales):
     """dynamo + AOTAutograd with eager kernels: traced parametrizations, guards on enable/disable, backward."""

@@ -84,6 +84,7 @@ def sections(draw):
     return layout, np.concatenate(parts).tobytes()
 
 
+@pytest.mark.slow
 @given(sections())
 @settings(max_examples=60, deadline=None)
 def test_round_trip_and_reference_decoder(section):
@@ -160,6 +161,7 @@ def test_fixture_codes_within_half_a_percent_of_their_context_entropy(fixture_co
         assert len(stored) <= 1.005 * (entropy + model_bytes), art.sections[i]["name"]
 
 
+@pytest.mark.slow
 def test_rans_beats_brotli_on_the_fixture_matrices(fixture_codes):
     """Measured, not hoped: on the fixture's attention and MLP codes rans is smaller than brotli-11 (the embedding,
     whose unseen-token rows are near-duplicates, is where brotli's matches win; auto picks per section)."""
@@ -170,6 +172,7 @@ def test_rans_beats_brotli_on_the_fixture_matrices(fixture_codes):
             assert art.sections[i]["size"] < 0.99 * brotli_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3))
 def test_damage_is_always_an_error_never_a_wrong_output(seed):
     """Without the CRC (which catches these first in an artifact), the stream's own checks still refuse damage."""

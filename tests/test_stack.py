@@ -150,6 +150,7 @@ def test_stacks_without_calibration_keep_their_slices_apart(banked):
     assert roles == {"qo_bank": "attention", "kv_bank": "attention", "mlp_up_bank": "mlp", "mlp_down_bank": "mlp"}
 
 
+@pytest.mark.slow
 def test_a_rule_naming_the_bank_covers_its_slices(banked):
     sd, _ = banked
     recipe = parse('[defaults]\nbits = 4\n[keep_float]\nmax_numel = 4096\n[[rules]]\n'
@@ -173,6 +174,7 @@ def test_every_matrix_without_gptq_is_named_with_its_reason(banked):
         squeeze.compile_state_dict(extra, INT4, hessians=cal.hessians, strict_calib=True)
 
 
+@pytest.mark.slow
 def test_a_budget_compile_of_a_banked_model_prices_every_slice(banked):
     sd, cal = banked
     model = banked_gpt.build(sd, {})
@@ -182,7 +184,7 @@ def test_a_budget_compile_of_a_banked_model_prices_every_slice(banked):
     budget = 2_300_000  # the float attention and embedding take ~2.0 MB
     recipe = parse('[defaults]\nbits = 6\n[keep_float]\nmax_numel = 4096\n[encode]\ncodec = "zlib"\n'
                    '[[rules]]\nmatch = ["qo_bank", "kv_bank", "tok_emb.weight"]\nscheme = "float"\n', "b.toml")
-    result = compiler.compile_to_budget(sd, recipe, budget, sensitivities=sens, hessians=cal.hessians)
+    result = squeeze.compile_to_budget(sd, recipe, budget, sensitivities=sens, hessians=cal.hessians)
     assert len(result.blob) <= budget
     decided = {e.name: e.plan for e in result.state.entries if e.stack_of and e.plan.reason.startswith("budget")}
     assert sorted(decided) == sorted(names)
@@ -207,6 +209,7 @@ def test_qat_on_banks_computes_with_the_decoded_slices(banked, scheme):
                     learn_scales=True)
 
 
+@pytest.mark.slow
 def test_a_roles_table_names_what_the_name_rules_miss(banked):
     sd, _ = banked
     renamed = {("w_up" if k == "mlp_up_bank" else k): v for k, v in sd.items()}

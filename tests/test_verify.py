@@ -99,6 +99,7 @@ def documents(tokens) -> list:
     return [tokens[a + 1:b].tolist() for a, b in zip(bos, bos[1:])]
 
 
+@pytest.mark.slow
 def test_original_bpb_reproduces_the_fixture_record(model, tokens):
     """fixtures/pgolf_4x256.json: val_loss 3.566734, val_bpb 2.129402 (fp32, 256-token windows, all 65,536)."""
     table = byte_table(load_tokenizer(TOKENIZER))

@@ -79,6 +79,7 @@ LAUNCHER_FAILURES = ("DistNetworkError", "RendezvousError", "Address already in 
                      "connectFullMesh", "Connection refused")
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_equal_one_process(artifact):
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():

@@ -16,13 +16,19 @@ singular values of the error.
 Where the gptq pass will refine a tensor, the grids on its round-to-nearest hull are then re-scored on GPTQ's codes
 (their entropy, and ΔL = sensitivity × tr(E H Eᵀ)/(R·tr H), which is v for white noise of variance v).
 Only each tensor's lower convex hull of (bytes, ΔL) can be optimal. Starting from its cheapest point everywhere,
-the pass repeatedly moves the tensor whose next hull point buys the most loss per byte while the pool lasts
-(marginal analysis: the greedy form of reverse water-filling). compile's budget loop (squeeze/compiler.py:
-compile_to_budget) sets the pool and checks the real size.
+`allocate` repeatedly moves the tensor whose next hull point buys the most loss per byte while the pool lasts
+(marginal analysis: the greedy form of reverse water-filling). The budget loop (squeeze/budget.py) prices every
+tensor once, sets the pool each round and checks the real size; the pass itself only writes the chosen grids into
+the plans (its config, `Allocation`, carries them; without one it does nothing).
+
+One loss measure throughout: sensitivity × the output-weighted error tr(E H Eᵀ)/(R·tr H). Round-to-nearest grids
+are screened with its diagonal form Σ_j H_jj Σ_i E_ij² / (R·tr H), exact in expectation for errors uncorrelated
+across columns (as rounding's are) and R·C times cheaper than the full product; GPTQ's errors are correlated by
+design, so the grids it refines are scored with the full H.
 """
 import dataclasses
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,9 +41,12 @@ from ..errors import SqueezeError
 from ..state import Plan, State
 from . import gptq, lowrank
 
+GPTQ_BATCH_ELEMENTS = 1 << 23  # grids of one tensor refined together, at most this many weights per GPTQ call
+
 
 @dataclass(frozen=True)
 class AllocateConfig:
+    """The candidates the allocator prices: a recipe's [budget] table (squeeze/recipe.py: BudgetSettings)."""
     bits_choices: tuple = (2, 3, 4, 5, 6, 7, 8)
     clip_k_choices: tuple = (2.5, 3.5, 5.0, 7.0, 10.0, 14.0)
     # Low-rank corrections are off by default: their candidates are predicted from the round-to-nearest error, whose
@@ -46,6 +55,13 @@ class AllocateConfig:
     lowrank_ranks: tuple = ()
     group_choices: tuple = (128,)           # scale groups tried besides one scale per row; () for rows only
     float_option: bool = True               # may a tensor stay f16
+
+    @staticmethod
+    def from_recipe(recipe) -> "AllocateConfig":
+        b = recipe.budget
+        return AllocateConfig(bits_choices=b.bits_choices, clip_k_choices=b.clip_k_choices,
+                              lowrank_ranks=b.lowrank_ranks, group_choices=b.group_choices,
+                              float_option=b.float_option)
 
 
 @dataclass(frozen=True)
@@ -59,75 +75,173 @@ class Option:
     keep_float: bool = False  # stored f16, not quantized (bits, clip_k, rank, group unused)
 
 
-def options_for(e, sensitivity: float, config: AllocateConfig, hessian: torch.Tensor | None = None,
-                gptq_config: gptq.GPTQConfig | None = None) -> list:
-    """The tensor's lower convex hull of (estimated bytes, predicted loss increase) over the candidate grids and their
-    refinements, cheapest first. With `gptq_config` (the tensor will get GPTQ codes) and a Hessian, the grids on the
-    round-to-nearest hull are re-scored on the codes GPTQ gives them: GPTQ lowers the output error by a factor that
-    differs from tensor to tensor (0.16-0.66x on the 6.6M checkpoint) and raises the entropy of coarse grids, so
-    scoring round-to-nearest would misprice both."""
-    w2 = quant.as_matrix(e.tensor)
-    rows, cols = w2.shape
-    max_mse = (PROBE_NOISE ** 2) * float(w2.double().var())  # beyond the probe, sensitivity·mse is a guess
-    s = lowrank.column_scale(hessian, cols)
-    weight = rows * float(s.square().sum())  # Σ (E·s)² / weight: the weighted mse
+@dataclass(frozen=True)
+class Priced:
+    """One tensor's hull, cheapest first, and GPTQ's result on each grid it refined while pricing
+    ({gptq.memo_key: (codes, method, note)}), which the gptq pass then takes instead of recomputing."""
+    hull: list
+    gptq_results: dict = field(default_factory=dict)
 
-    def predicted(error: torch.Tensor) -> float:
-        return sensitivity * float((error.double() * s).square().sum()) / weight
 
-    errors = {}  # (bits, clip_k, group) -> error matrix, for the low-rank refinement
+@dataclass(frozen=True)
+class Allocation:
+    """The allocate pass's config: {tensor name: chosen Option}, from `allocate` (squeeze/budget.py).
+    `round_to_nearest`: the chosen tensors keep round-to-nearest codes (the budget's trial round, which only
+    measures what the rest of the artifact costs)."""
+    chosen: dict
+    round_to_nearest: bool = False
 
-    def grid(bits: int, k: float, group: int) -> Option | None:
-        spec = dataclasses.replace(e.plan.quant, bits=bits, clip="std", clip_value=k, group=group)
-        codes, scales = quant.quantize(e.tensor, spec, e.name)
-        error = w2 - quant.dequantize(codes, scales, spec.group, torch.float32, w2.shape)
-        if float(error.double().square().mean()) > max_mse:
+
+def coded_bytes(codes: torch.Tensor, scales: torch.Tensor) -> float:
+    """What a grid's codes and scales cost: the codes' order-0 entropy (rans codes them within 0.5% of it) plus the
+    scales as stored."""
+    counts = np.bincount(codes.numpy().ravel().astype(np.int64) + 128, minlength=256)
+    return rans.entropy_bits(counts) / 8 + scales.numel() * scales.element_size()
+
+
+class Pricing:
+    """The candidates of one tensor `e` (a planned entry): each grid quantized, sized and scored."""
+
+    def __init__(self, e, sensitivity: float, hessian: torch.Tensor | None, keep_errors: bool = False):
+        self.e, self.sensitivity, self.hessian, self.keep_errors = e, sensitivity, hessian, keep_errors
+        self.w2 = quant.as_matrix(e.tensor)
+        self.rows, self.cols = self.w2.shape
+        self.max_mse = (PROBE_NOISE ** 2) * float(self.w2.double().var())  # past the probe, sensitivity·mse guesses
+        self.s = lowrank.column_scale(hessian, self.cols)  # sqrt(diag H): the diagonal form's column weights
+        self.diagonal_norm = self.rows * float(self.s.square().sum())
+        self.errors = {}  # (bits, clip_k, group) -> error of the grid as priced, for low-rank candidates only
+        self.stds = {}    # group -> quant.group_std: the same for every width and clip k
+
+    def spec(self, bits: int, clip_k: float, group: int):
+        return dataclasses.replace(self.e.plan.quant, bits=bits, clip="std", clip_value=clip_k, group=group)
+
+    def quantized(self, spec) -> tuple:
+        """quant.quantize's (codes, scales) for the grid, each group's std computed once for all grids."""
+        if spec.group not in self.stds:
+            self.stds[spec.group] = quant.group_std(self.w2, spec.group)
+        return quant.quantize(self.e.tensor, spec, self.e.name, std=self.stds[spec.group])
+
+    def screening_loss(self, error: torch.Tensor) -> float:
+        """The measure's diagonal form, for errors uncorrelated across columns (round-to-nearest, f16)."""
+        return self.sensitivity * float((error.double() * self.s).square().sum()) / self.diagonal_norm
+
+    def output_loss(self, error: torch.Tensor) -> float:
+        """The measure itself (what predicted_loss scores the stored codes with)."""
+        return self.sensitivity * lowrank.output_error(error, self.hessian)
+
+    def grid(self, bits: int, clip_k: float, group: int) -> Option | None:
+        """The grid with round-to-nearest codes; None where its error exceeds what the sensitivity was measured for."""
+        spec = self.spec(bits, clip_k, group)
+        codes, scales = self.quantized(spec)
+        error = self.w2 - quant.dequantize(codes, scales, group, torch.float32, self.w2.shape)
+        if float(error.double().square().mean()) > self.max_mse:
             return None
-        counts = np.bincount(codes.numpy().ravel().astype(np.int64) + 128, minlength=256)
-        errors[(bits, k, group)] = error
-        size = rans.entropy_bits(counts) / 8 + scales.numel() * scales.element_size()
-        return Option(bits, k, size, predicted(error), group=group)
+        if self.keep_errors:
+            self.errors[(bits, clip_k, group)] = error
+        return Option(bits, clip_k, coded_bytes(codes, scales), self.screening_loss(error), group=group)
 
-    def with_gptq(o: Option) -> Option:
-        """The grid re-scored as the gptq pass will store it: GPTQ's codes where they lower the layer loss."""
-        spec = dataclasses.replace(e.plan.quant, bits=o.bits, clip="std", clip_value=o.clip_k, group=o.group)
-        scales = quant.choose_scales(w2, spec)
-        step = quant.expand_scales(scales, spec.group, cols).expand(rows, cols)
-        codes = gptq.gptq_codes(w2, step, spec.qmax, hessian, gptq_config)
-        rtn_error = errors[(o.bits, o.clip_k, o.group)]
-        error = w2 - codes.float() * step
-        if output_loss(error) >= output_loss(rtn_error):
-            codes, error = quant.codes_for(w2, scales, spec), rtn_error
-        errors[(o.bits, o.clip_k, o.group)] = error
-        counts = np.bincount(codes.numpy().ravel().astype(np.int64) + 128, minlength=256)
-        size = rans.entropy_bits(counts) / 8 + scales.numel() * scales.element_size()
-        return dataclasses.replace(o, bytes=size, loss=output_loss(error))
+    def screened(self, config: AllocateConfig) -> list:
+        """The lower hull of the round-to-nearest grids (width × clip) and, on it, per-group scales."""
+        points = [o for bits in config.bits_choices for k in config.clip_k_choices if (o := self.grid(bits, k, 0))]
+        if not points:
+            raise SqueezeError(f"{self.e.name}: no candidate grid quantizes it within the calibrated error range")
+        for o in lower_hull(points):
+            points += [g for group in config.group_choices if 0 < group < self.cols
+                       and (g := self.grid(o.bits, o.clip_k, group))]
+        return lower_hull(points)
 
-    def output_loss(error: torch.Tensor) -> float:  # as predicted_loss() scores the stored codes
-        return sensitivity * lowrank.output_error(error, hessian)
+    def refined(self, hull: list, config: gptq.GPTQConfig) -> tuple[list, dict]:
+        """The grids re-scored as the gptq pass will store them (GPTQ's codes where they lower the layer loss), and
+        those results. GPTQ lowers the output error by a factor that differs from tensor to tensor (0.16-0.66x on
+        the 6.6M checkpoint) and raises the entropy of coarse grids, so scoring round-to-nearest would misprice
+        both. Several grids go through one GPTQ call as stacked rows (gptq.gptq_codes)."""
+        per_call = max(1, GPTQ_BATCH_ELEMENTS // max(1, self.w2.numel()))
+        out, results = [], {}
+        for chunk in (hull[i:i + per_call] for i in range(0, len(hull), per_call)):
+            specs = [self.spec(o.bits, o.clip_k, o.group) for o in chunk]
+            rtn = [self.quantized(spec) for spec in specs]
+            steps = [quant.expand_scales(scales.reshape(self.rows, -1), spec.group, self.cols).expand(
+                self.rows, self.cols) for spec, (_, scales) in zip(specs, rtn)]
+            qmax = torch.cat([torch.full((self.rows,), float(spec.qmax)) for spec in specs])
+            stacked = gptq.gptq_codes(self.w2.repeat(len(chunk), 1), torch.cat(steps), qmax, self.hessian, config)
+            for o, spec, (codes, scales), step, g in zip(chunk, specs, rtn, steps, stacked.split(self.rows)):
+                result = gptq.refined_codes(self.e.tensor, spec, codes, scales, self.hessian, config, codes=g)
+                results[gptq.memo_key(self.e.name, spec, config)] = result
+                error = self.w2 - result[0].float() * step
+                if self.keep_errors:
+                    self.errors[(o.bits, o.clip_k, o.group)] = error
+                out.append(dataclasses.replace(o, bytes=coded_bytes(result[0], scales), loss=self.output_loss(error)))
+        return out, results
 
-    points = [o for bits in config.bits_choices for k in config.clip_k_choices if (o := grid(bits, k, 0))]
-    if not points:
-        raise SqueezeError(f"{e.name}: no candidate grid quantizes it within the calibrated error range")
-    for o in lower_hull(points):
-        points += [p for g in config.group_choices if 0 < g < cols and (p := grid(o.bits, o.clip_k, g))]
-    hull = lower_hull(points)
-    if gptq_config is not None and hessian is not None and float(torch.trace(hessian)) > 0:
-        hull = lower_hull([with_gptq(o) for o in hull])
-        points = list(hull)
-    ranks = [r for r in config.lowrank_ranks if r < min(rows, cols)]
-    for o in hull if ranks else ():
-        energy = lowrank.weighted_svd(errors[(o.bits, o.clip_k, o.group)], s)[1].square()
+    def with_lowrank(self, o: Option, ranks) -> list:
+        """Rank-r corrections of the grid's error: r·(R + C) f16 values remove its r largest weighted directions."""
+        energy = lowrank.weighted_svd(self.errors[(o.bits, o.clip_k, o.group)], self.s)[1].square()
         left = energy.flip(0).cumsum(0).flip(0)  # left[r]: weighted error energy beyond the top r directions
-        # the share of the error a rank-r correction leaves, applied to the option's own loss
-        points += [dataclasses.replace(o, bytes=o.bytes + 2 * r * (rows + cols),
-                                       loss=o.loss * float(left[r] / left[0]), rank=r) for r in ranks]
-    half = e.tensor.detach().to(torch.float16)
-    if config.float_option and torch.isfinite(half).all():
+        return [dataclasses.replace(o, bytes=o.bytes + 2 * r * (self.rows + self.cols),
+                                    loss=o.loss * float(left[r] / left[0]), rank=r) for r in ranks]
+
+    def as_float(self) -> Option | None:
+        """Kept f16: bytes the order-0 entropy of its two byte planes, loss that of the f16 rounding."""
+        half = self.e.tensor.detach().to(torch.float16)
+        if not torch.isfinite(half).all():
+            return None
         planes = half.reshape(-1).view(torch.uint8).reshape(-1, 2).numpy()
         size = sum(rans.entropy_bits(np.bincount(planes[:, i], minlength=256)) for i in (0, 1)) / 8
-        points.append(Option(16, 0.0, size, predicted(w2 - quant.as_matrix(half)), keep_float=True))
+        return Option(16, 0.0, size, self.screening_loss(self.w2 - quant.as_matrix(half)), keep_float=True)
+
+
+def price(e, sensitivity: float, config: AllocateConfig, hessian: torch.Tensor | None = None,
+          gptq_config: gptq.GPTQConfig | None = None) -> Priced:
+    """The tensor's lower convex hull of (estimated bytes, predicted loss increase) over the candidate grids and their
+    refinements, cheapest first: round-to-nearest grids (width × clip), per-group scales on that hull, GPTQ's codes
+    on it when `gptq_config` says the gptq pass will refine the tensor (and it has a Hessian), low-rank corrections
+    when the config offers ranks, and f16."""
+    ranks = [r for r in config.lowrank_ranks if r < min(quant.matrix_shape(e.shape))]
+    p = Pricing(e, sensitivity, hessian, keep_errors=bool(ranks))
+    hull, results = p.screened(config), {}
+    if refinable(hessian, gptq_config):
+        hull, results = p.refined(hull, gptq_config)
+        hull = lower_hull(hull)
+    points = list(hull)
+    for o in hull if ranks else ():
+        points += p.with_lowrank(o, ranks)
+    if config.float_option and (f := p.as_float()) is not None:
+        points.append(f)
+    hull = lower_hull(points)
+    kept = {(o.bits, o.clip_k, o.group) for o in hull if not o.keep_float}  # only what may be chosen is kept
+    return Priced(hull, {k: r for k, r in results.items()
+                         if (k[1].bits, k[1].clip_value, k[1].group) in kept})
+
+
+def options_for(e, sensitivity: float, config: AllocateConfig, hessian: torch.Tensor | None = None,
+                gptq_config: gptq.GPTQConfig | None = None) -> list:
+    """The tensor's hull (`price` without GPTQ's results)."""
+    return price(e, sensitivity, config, hessian, gptq_config).hull
+
+
+def refinable(hessian: torch.Tensor | None, gptq_config: gptq.GPTQConfig | None) -> bool:
+    """Whether the gptq pass will refine the tensor's codes, so its grids must be priced on GPTQ's."""
+    return gptq_config is not None and hessian is not None and float(torch.trace(hessian)) > 0
+
+
+def screen(e, sensitivity: float, config: AllocateConfig, hessian: torch.Tensor | None = None) -> list:
+    """The round-to-nearest hull with f16 (when offered): `price` before GPTQ, which the budget loop then refines
+    only where its allocations land (squeeze/budget.py)."""
+    p = Pricing(e, sensitivity, hessian)
+    points = p.screened(config)
+    if config.float_option and (f := p.as_float()) is not None:
+        points.append(f)
     return lower_hull(points)
+
+
+def refine(e, sensitivity: float, hessian: torch.Tensor, gptq_config: gptq.GPTQConfig, grids: list) -> Priced:
+    """`grids` (round-to-nearest Options of `screen`) re-priced on GPTQ's codes, in the same order, with GPTQ's
+    results for the gptq pass."""
+    return Priced(*Pricing(e, sensitivity, hessian).refined(grids, gptq_config))
+
+
+def grid_of(o: Option) -> tuple:
+    return o.bits, o.clip_k, o.group
 
 
 def lower_hull(points: list) -> list:
@@ -220,28 +334,21 @@ def check_sensitivities(state: State):
                        f"{len(state.sensitivities)}: squeeze.calibrate.matrix_names lists what a budget needs)")
 
 
-def plan_of(plan: Plan, o: Option) -> Plan:
+def plan_of(plan: Plan, o: Option, round_to_nearest: bool = False) -> Plan:
     """The tensor's plan with the chosen candidate."""
     reason = f"budget: ~{o.bytes:,.0f} B, predicted ΔL {o.loss:.2e}"
     if o.keep_float:
         return Plan(scheme="float", store="f16", codec=plan.codec, reason=reason)
     spec = dataclasses.replace(plan.quant, bits=o.bits, clip="std", clip_value=o.clip_k, group=o.group)
-    return dataclasses.replace(plan, quant=spec, lowrank_rank=o.rank, reason=reason)
+    return dataclasses.replace(plan, quant=spec, lowrank_rank=o.rank, reason=reason,
+                               method="rtn" if round_to_nearest else plan.method)
 
 
-def run(state: State, config: AllocateConfig = AllocateConfig()) -> State:
-    """Off unless the state carries a byte pool (state.allocation_pool, set by compile_to_budget)."""
-    if state.allocation_pool is None:
+def run(state: State, config: Allocation | None = None) -> State:
+    """Write the chosen grids into the plans; without an Allocation (every compile but a budget's) it does nothing."""
+    if config is None:
         return state
-    entries = allocatable(state)
-    check_sensitivities(state)
-    options = {e.name: state.allocation_options.get(e.name) or
-               options_for(e, state.sensitivities[e.name], config, state.hessian_of(e)[0],
-                           gptq_config_for(state, e)) for e in entries}
-    chosen = allocate(options, state.allocation_pool)
-    out = []
-    for e in state.entries:
-        if e.name in chosen:
-            e = dataclasses.replace(e, plan=plan_of(e.plan, chosen[e.name]))
-        out.append(e)
-    return dataclasses.replace(state, entries=tuple(out), allocated_bytes=sum(o.bytes for o in chosen.values()))
+    return dataclasses.replace(state, entries=tuple(
+        dataclasses.replace(e, plan=plan_of(e.plan, config.chosen[e.name], config.round_to_nearest))
+        if e.name in config.chosen else e
+        for e in state.entries))

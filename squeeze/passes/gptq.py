@@ -10,7 +10,7 @@ Per tensor the pass keeps whichever of GPTQ and round-to-nearest has the smaller
 never worse than round-to-nearest on the calibration data; the note on each entry says by how much it was better.
 """
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,10 @@ class GPTQConfig:
     damp: float = 0.01
     act_order: bool = True
     device: str = "cpu"     # where the float64 work runs (compile's --device: cuda makes it seconds, not minutes)
+    # (tensor, grid, config) -> (codes, method, note) already computed: a budget compile (squeeze/budget.py) fills it
+    # while pricing grids and shares it across its rounds, so no grid is refined twice. Not part of the config's
+    # identity (compare=False): it only saves work.
+    memo: dict | None = field(default=None, compare=False, repr=False)
 
     @staticmethod
     def from_recipe(recipe, device: str = "cpu") -> "GPTQConfig":
@@ -39,9 +43,13 @@ def layer_loss(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> f
     return float(((delta @ hessian.double()) * delta).sum())
 
 
-def gptq_codes(w: torch.Tensor, scale_full: torch.Tensor, qmax: int, hessian: torch.Tensor,
+def gptq_codes(w: torch.Tensor, scale_full: torch.Tensor, qmax, hessian: torch.Tensor,
                config: GPTQConfig = GPTQConfig()) -> torch.Tensor:
-    """Codes [R, C] (int8) for weights w [R, C] on the fixed grid scale_full [R, C] (each weight's scale)."""
+    """Codes [R, C] (int8) for weights w [R, C] on the fixed grid scale_full [R, C] (each weight's scale); `qmax` an
+    int or one per row [R]. Rows are independent given H, so several grids of one tensor (or tensors sharing a
+    Hessian) go through one call as stacked rows: the per-column loop is paid once."""
+    if isinstance(qmax, torch.Tensor):
+        qmax = qmax.to(config.device, torch.float64)
     w = w.to(config.device, torch.float64, copy=True)
     h = hessian.to(config.device, torch.float64, copy=True)
     scale = scale_full.to(config.device, torch.float64)
@@ -60,7 +68,7 @@ def gptq_codes(w: torch.Tensor, scale_full: torch.Tensor, qmax: int, hessian: to
         b = min(a + config.block_size, cols)
         block, errors, h_block = w[:, a:b].clone(), torch.zeros_like(w[:, a:b]), h_inv[a:b, a:b]
         for i in range(b - a):
-            q = torch.clamp(torch.round(block[:, i] / scale[:, a + i]), -qmax, qmax)
+            q = torch.clamp(torch.round(block[:, i] / scale[:, a + i]), -qmax, qmax)  # qmax: int or [R]
             codes[:, a + i] = q
             err = (block[:, i] - q * scale[:, a + i]) / h_block[i, i]
             block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
@@ -71,18 +79,25 @@ def gptq_codes(w: torch.Tensor, scale_full: torch.Tensor, qmax: int, hessian: to
 
 def refine(e, hessian: torch.Tensor, config: GPTQConfig):
     """The entry with GPTQ codes if they lower the layer loss, else unchanged; its note says which and by how much."""
-    spec = e.plan.quant
-    rows, cols = quant.matrix_shape(e.shape)
-    w = e.tensor.detach().reshape(rows, cols).float()
-    scale_full = quant.expand_scales(e.scales.reshape(rows, -1), spec.group, cols).expand(rows, cols)
-    rtn_loss = layer_loss(w, e.codes.float() * scale_full, hessian)
-    codes = gptq_codes(w, scale_full, spec.qmax, hessian, config)
+    codes, method, note = refined_codes(e.tensor, e.plan.quant, e.codes, e.scales, hessian, config)
+    return dataclasses.replace(e, codes=codes, method_used=method, note=note)
+
+
+def refined_codes(tensor: torch.Tensor, spec, rtn_codes: torch.Tensor, scales: torch.Tensor, hessian: torch.Tensor,
+                  config: GPTQConfig, codes: torch.Tensor | None = None) -> tuple:
+    """(codes, method, note): GPTQ's codes on the grid of `scales` where they lower the layer loss, else the
+    round-to-nearest ones. `codes`: GPTQ's, when already computed (the budget's batched pricing)."""
+    rows, cols = quant.matrix_shape(tensor.shape)
+    w = tensor.detach().reshape(rows, cols).float()
+    scale_full = quant.expand_scales(scales.reshape(rows, -1), spec.group, cols).expand(rows, cols)
+    rtn_loss = layer_loss(w, rtn_codes.float() * scale_full, hessian)
+    if codes is None:
+        codes = gptq_codes(w, scale_full, spec.qmax, hessian, config)
     gptq_loss = layer_loss(w, codes.float() * scale_full, hessian)
     if gptq_loss >= rtn_loss:
-        return dataclasses.replace(e, method_used="rtn", note=f"round-to-nearest: GPTQ was not better on the layer "
-                                                               f"loss ({gptq_loss:.4g} ≥ {rtn_loss:.4g})")
-    return dataclasses.replace(e, codes=codes, method_used="gptq",
-                               note=f"gptq: layer loss {gptq_loss / rtn_loss:.3f}× round-to-nearest")
+        return rtn_codes, "rtn", f"round-to-nearest: GPTQ was not better on the layer loss ({gptq_loss:.4g} ≥ " \
+                                 f"{rtn_loss:.4g})"
+    return codes, "gptq", f"gptq: layer loss {gptq_loss / rtn_loss:.3f}× round-to-nearest"
 
 
 def run(state: State, config: GPTQConfig = GPTQConfig()) -> State:
@@ -101,10 +116,10 @@ def run(state: State, config: GPTQConfig = GPTQConfig()) -> State:
                 raise SqueezeError(f"{e.name}: {why} (--strict-calib)")
             else:
                 refined[e.name] = dataclasses.replace(e, method_used="rtn", note=f"round-to-nearest: {why}")
-    # A budget compile re-runs this pass every round on mostly the same grids: its memo (State.gptq_memo, one per
-    # compile_to_budget call, so the tensor and its Hessian are fixed) keeps each (tensor, grid)'s result.
-    memo = state.gptq_memo if state.gptq_memo is not None else {}
-    key = {e.name: (e.name, e.plan.quant, config) for e in state.entries if e.name in hessians}
+    # A budget compile re-runs this pass every round on grids it priced: its memo (one per budget compile, so the
+    # tensor and its Hessian are fixed) holds each (tensor, grid)'s result.
+    memo = config.memo if config.memo is not None else {}
+    key = {e.name: memo_key(e.name, e.plan.quant, config) for e in state.entries if e.name in hessians}
     todo = [e for e in state.entries if e.name in hessians and key[e.name] not in memo]
     # under torchrun each rank runs GPTQ on its share of the matrices and all gather the codes
     results = parallel.map_items(lambda e: _refined_codes(e, hessians[e.name], config), todo)
@@ -118,5 +133,9 @@ def run(state: State, config: GPTQConfig = GPTQConfig()) -> State:
 
 def _refined_codes(e, hessian: torch.Tensor, config: GPTQConfig) -> tuple:
     """(codes, method, note) of `refine`: what a rank sends the others (not the whole entry and its tensor)."""
-    r = refine(e, hessian, config)
-    return r.codes, r.method_used, r.note
+    return refined_codes(e.tensor, e.plan.quant, e.codes, e.scales, hessian, config)
+
+
+def memo_key(name: str, spec, config: GPTQConfig) -> tuple:
+    """What a GPTQ result depends on within one compile: the tensor, its grid, the GPTQ knobs."""
+    return name, spec, config

@@ -28,7 +28,7 @@ def run(state: State, config: TieConfig = TieConfig()) -> State:
     by_bytes = {}
     out = []
     for e in state.entries:
-        if e.alias_of is not None:  # tied by an earlier run (compile_to_budget ties once, then runs the pipeline)
+        if e.alias_of is not None:  # tied by an earlier run (the budget loop ties once, then runs the rest)
             out.append(e)
             continue
         t = e.tensor

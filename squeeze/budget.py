@@ -1,0 +1,198 @@
+"""budget: compile to a byte budget (`squeeze compile --budget`, `squeeze.compile_to_budget`).
+
+The loop in one room:
+1. plan: the passes up to "plan" run once; the tensors the recipe's [defaults] govern are left to the budget.
+2. price: each of those gets its hull of (bytes, predicted loss) candidates once, on round-to-nearest codes
+   (passes/allocate.py: `screen`, run round-robin across ranks under torchrun).
+3. rounds: `allocate` spends a byte pool on the hulls; the pipeline from "allocate" on writes the artifact with
+   that choice (the allocate pass gets it as its config, the gptq pass GPTQ's results as its memo, so no grid is
+   refined twice). Round 1 (the trial) takes the cheapest grid everywhere, which tells what the rest of the
+   artifact costs; each later round lowers the pool by what the last one overshot (plus a margin that grows).
+
+Where the gptq pass will refine a tensor, its grids must be priced on GPTQ's codes (GPTQ lowers the output error
+by a factor that differs from tensor to tensor and raises the entropy of coarse grids), but GPTQ on every grid of
+every hull is most of a budget compile's time, and a budget only ever lands near one point of each hull. So
+`choose` re-prices with GPTQ the grids around where an allocation lands, allocates again, and repeats until every
+chosen grid and its hull neighbours are GPTQ-priced: the choice the all-GPTQ pricing would make there, for about a
+quarter of its GPTQ runs.
+
+When the recipe's candidate coders include rans, the rounds code with rans alone: its sizes are exact and it is
+fast, and the final compile, which picks the smallest candidate per section, can only be smaller. Only the fitting
+allocation pays for the full coder (brotli-11), and once more with what the better coder saved added to the pool,
+when that is over 0.2% of the target. The result is never over the budget; SqueezeError when even the narrowest
+grids do not fit.
+"""
+import dataclasses
+
+from . import compiler, parallel, pipeline
+from .errors import SqueezeError
+from .passes import allocate, gptq
+from .recipe import Recipe
+from .state import State
+
+
+@dataclasses.dataclass
+class BudgetState:
+    """What one budget compile carries across its rounds (the core State knows nothing of budgets)."""
+    planned: State          # after the "plan" pass
+    target: int             # bytes the artifact may take: budget less code
+    config: allocate.AllocateConfig
+    screened: dict          # tensor name -> its hull (allocate.Option, cheapest first) as priced so far
+    refined: dict           # tensor name -> {grid: Option priced on GPTQ's codes}, for tensors GPTQ will refine
+    gptq_memo: dict = dataclasses.field(default_factory=dict)  # gptq.memo_key -> (codes, method, note)
+
+    def options(self) -> dict:
+        """Each tensor's hull: its screened candidates, those GPTQ has re-priced replaced by their GPTQ prices."""
+        return {name: allocate.lower_hull([self.refined[name].get(allocate.grid_of(o), o) for o in hull])
+                if name in self.refined else hull for name, hull in self.screened.items()}
+
+
+def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, sensitivities: dict,
+                      hessians: dict | None = None, code_bytes: int = 0, log=None, max_rounds: int = 8,
+                      device: str = "cpu", allocate_config: allocate.AllocateConfig | None = None,
+                      calibration_skips: dict | None = None, strict_calib: bool = False,
+                      progress=None) -> compiler.CompileResult:
+    """The artifact with the lowest predicted loss whose size plus `code_bytes` (the user's code and decoder) is at
+    most `budget_bytes`. `allocate_config`: the candidates (default: the recipe's [budget] table); `progress`: a
+    callable taking one line per round."""
+    planned = State(entries=compiler.entries_from_state_dict(state_dict), recipe=recipe, hessians=hessians or {},
+                    sensitivities=sensitivities, device=device, calibration_skips=calibration_skips or {},
+                    strict_calib=strict_calib)
+    for _, fn, config in pipeline.passes_for(recipe, until="plan"):
+        planned = fn(planned, config)
+    budget = price(planned, allocate_config or allocate.AllocateConfig.from_recipe(recipe),
+                   budget_bytes - code_bytes)
+    fast = _rans_only(recipe)
+
+    def report(line: str):
+        if progress is not None:
+            progress(line)
+
+    pool = 0.0
+    for round_no in range(1, max_rounds + 1):
+        state, blob, spent = attempt(budget, pool, fast or recipe, predict=round_no > 1, log=log,
+                                     trial=round_no == 1)
+        report(f"budget round {round_no}: {len(blob) + code_bytes:,} B (target {budget_bytes:,})"
+               + (" (rans estimate)" if fast else ""))
+        if round_no == 1:
+            if len(blob) > budget.target and fast:  # the full coder may still fit it, so the rounds need it too
+                fast = None
+                state, blob, spent = attempt(budget, pool, recipe, predict=False, log=log, trial=True)
+            if len(blob) > budget.target:
+                raise SqueezeError(f"budget {budget_bytes:,} bytes is too small: the smallest artifact this recipe "
+                                   f"allows is {len(blob):,} bytes (+{code_bytes:,} of code)")
+            pool = budget.target - (len(blob) - spent)  # what the rest of the artifact takes is fixed
+            continue
+        if len(blob) <= budget.target:
+            if fast:
+                state, blob = finish(budget, pool, recipe, state, blob, log)
+                report(f"final: {len(blob) + code_bytes:,} B")
+            return compiler.CompileResult(blob=blob, state=state)
+        pool -= (len(blob) - budget.target) + budget.target * 0.0005 * round_no
+    raise SqueezeError(f"budget {budget_bytes:,}: no allocation fitted after {max_rounds} rounds")
+
+
+def price(planned: State, config: allocate.AllocateConfig, target: int) -> BudgetState:
+    """Every tensor the budget decides, priced once on round-to-nearest codes (round-robin across ranks under
+    torchrun). GPTQ re-prices grids lazily, only around where allocations land (`choose`); with low-rank candidates
+    on offer every hull is priced with GPTQ up front (their gain is measured on the refined error)."""
+    allocate.check_sensitivities(planned)
+    entries = allocate.allocatable(planned)
+    eager = bool(config.lowrank_ranks)
+
+    def price_one(e):
+        h, gptq_config = planned.hessian_of(e)[0], allocate.gptq_config_for(planned, e)
+        if eager:
+            return allocate.price(e, planned.sensitivities[e.name], config, h, gptq_config)
+        return allocate.Priced(allocate.screen(e, planned.sensitivities[e.name], config, h))
+
+    priced = parallel.map_items(price_one, entries)
+    budget = BudgetState(planned=planned, target=target, config=config,
+                         screened={e.name: p.hull for e, p in zip(entries, priced)},
+                         refined={} if eager else {e.name: {} for e in entries if allocate.refinable(
+                             planned.hessian_of(e)[0], allocate.gptq_config_for(planned, e))})
+    for p in priced:
+        budget.gptq_memo.update(p.gptq_results)
+    return budget
+
+
+WINDOW = 2  # grids GPTQ re-prices on either side of a tensor's first allocation
+
+
+def choose(budget: BudgetState, pool: float) -> dict:
+    """{name: Option} for `pool`, every chosen grid of a GPTQ-refined tensor priced on GPTQ's codes, as are its
+    neighbours on the hull, so the choice is the one the eager pricing would make around there. Re-prices what is
+    missing (across ranks) and allocates again until nothing is; each pass re-prices at least one more of the
+    finitely many grids, so it ends."""
+    entries = {e.name: e for e in allocate.allocatable(budget.planned)}
+    while True:
+        options = budget.options()
+        chosen = allocate.allocate(options, pool)
+        todo = {}
+        for name, done in budget.refined.items():
+            hull, i = options[name], options[name].index(chosen[name])
+            reach = WINDOW if not done else 1  # a first visit takes a wider window: fewer passes
+            if not done:
+                hull, i = budget.screened[name], budget.screened[name].index(chosen[name])
+            near = [o for o in hull[max(0, i - reach):i + reach + 1]
+                    if not o.keep_float and allocate.grid_of(o) not in done]
+            if near:
+                todo[name] = near
+        if not todo:
+            return chosen
+        names = sorted(todo)
+        planned = budget.planned
+        results = parallel.map_items(
+            lambda n: allocate.refine(entries[n], planned.sensitivities[n], planned.hessian_of(entries[n])[0],
+                                      allocate.gptq_config_for(planned, entries[n]), todo[n]), names)
+        for name, r in zip(names, results):
+            budget.refined[name].update((allocate.grid_of(o), p) for o, p in zip(todo[name], r.hull))
+            budget.gptq_memo.update(r.gptq_results)
+
+
+def attempt(budget: BudgetState, pool: float, recipe: Recipe, predict: bool, log=None, trial: bool = False) -> tuple:
+    """(final state, artifact bytes, the allocator's estimate of what the decided tensors take) of one round. The
+    trial round (`trial`) takes the cheapest candidate everywhere with round-to-nearest codes: it only measures
+    what the rest of the artifact costs."""
+    if trial:
+        options = budget.options()
+        chosen = {name: hull[0] for name, hull in options.items()}
+    else:
+        chosen = choose(budget, pool)
+    gptq_config = gptq.GPTQConfig.from_recipe(recipe, budget.planned.device)
+    configs = {"allocate": allocate.Allocation(chosen, round_to_nearest=trial),
+               "gptq": dataclasses.replace(gptq_config, memo=budget.gptq_memo)}
+    state = pipeline.run(dataclasses.replace(budget.planned, recipe=recipe), log=log, after="plan", configs=configs)
+    if predict:  # the prediction is header meta, so it is in the bytes the budget counts
+        state = dataclasses.replace(state, predicted_loss=allocate.predicted_loss(state))
+    return state, compiler.write(state), sum(o.bytes for o in chosen.values())
+
+
+def finish(budget: BudgetState, pool: float, recipe: Recipe, state: State, blob: bytes, log=None) -> tuple:
+    """The fitting allocation with the recipe's own coders (never larger than rans alone), then once more with the
+    bytes they saved added to the pool, kept only if it fits."""
+    final, final_blob, _ = attempt(budget, pool, recipe, predict=True, log=log)
+    if len(final_blob) <= len(blob):
+        state, blob = final, final_blob
+    slack = budget.target - len(blob)
+    if slack > 0.002 * budget.target:
+        more, more_blob, _ = attempt(budget, pool + slack, recipe, predict=True, log=log)
+        if len(more_blob) <= budget.target:
+            state, blob = more, more_blob
+    return state, blob
+
+
+def _rans_only(recipe: Recipe) -> Recipe | None:
+    """The recipe with rans as the only candidate coder, when it has rans and others (else None)."""
+    candidates = recipe.encode.candidates
+    if "rans" not in candidates or len(candidates) == 1:
+        return None
+    return dataclasses.replace(recipe, encode=dataclasses.replace(recipe.encode, candidates=("rans",)))
+
+
+def budget_names(state_dict: dict, recipe: Recipe) -> list:
+    """The tensors (and slices) a budget compile with `recipe` decides, which need measured sensitivities."""
+    base = State(entries=compiler.entries_from_state_dict(state_dict), recipe=recipe)
+    for _, fn, config in pipeline.passes_for(recipe, until="plan"):
+        base = fn(base, config)
+    return [e.name for e in allocate.allocatable(base)]
