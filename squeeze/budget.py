@@ -16,11 +16,12 @@ every hull is most of a budget compile's time, and a budget only ever lands near
 chosen grid and its hull neighbours are GPTQ-priced: the choice the all-GPTQ pricing would make there, for about a
 quarter of its GPTQ runs.
 
-When the recipe's candidate coders include rans, the rounds code with rans alone: its sizes are exact and it is
-fast, and the final compile, which picks the smallest candidate per section, can only be smaller. Only the fitting
-allocation pays for the full coder (brotli-11), and once more with what the better coder saved added to the pool,
-when that is over 0.2% of the target. The result is never over the budget; SqueezeError when even the narrowest
-grids do not fit.
+The rounds approach the target from below until within 0.1% (TOLERANCE), bisecting between a pool that fitted and
+one that overshot. When the recipe's candidate coders include rans, they code with rans alone: its sizes are exact
+and it is fast, and the final compile, which picks the smallest candidate per section, can only be smaller. Only
+the fitting allocation pays for the full coder (brotli-11); what that saved is spent once more (rans rounds aiming
+at the target scaled by what the full coder kept of rans's bytes, then the full coder again, kept only if it fits).
+The result is never over the budget; SqueezeError when even the narrowest grids do not fit.
 """
 import dataclasses
 
@@ -62,34 +63,77 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
         planned = fn(planned, config)
     budget = price(planned, allocate_config or allocate.AllocateConfig.from_recipe(recipe),
                    budget_bytes - code_bytes)
-    fast = _rans_only(recipe)
+    fast = _rans_only(recipe, planned)
 
     def report(line: str):
         if progress is not None:
             progress(line)
 
-    pool = 0.0
-    for round_no in range(1, max_rounds + 1):
-        state, blob, spent = attempt(budget, pool, fast or recipe, predict=round_no > 1, log=log,
-                                     trial=round_no == 1)
-        report(f"budget round {round_no}: {len(blob) + code_bytes:,} B (target {budget_bytes:,})"
-               + (" (rans estimate)" if fast else ""))
-        if round_no == 1:
-            if len(blob) > budget.target and fast:  # the full coder may still fit it, so the rounds need it too
-                fast = None
-                state, blob, spent = attempt(budget, pool, recipe, predict=False, log=log, trial=True)
-            if len(blob) > budget.target:
-                raise SqueezeError(f"budget {budget_bytes:,} bytes is too small: the smallest artifact this recipe "
-                                   f"allows is {len(blob):,} bytes (+{code_bytes:,} of code)")
-            pool = budget.target - (len(blob) - spent)  # what the rest of the artifact takes is fixed
-            continue
-        if len(blob) <= budget.target:
-            if fast:
-                state, blob = finish(budget, pool, recipe, state, blob, log)
-                report(f"final: {len(blob) + code_bytes:,} B")
-            return compiler.CompileResult(blob=blob, state=state)
-        pool -= (len(blob) - budget.target) + budget.target * 0.0005 * round_no
-    raise SqueezeError(f"budget {budget_bytes:,}: no allocation fitted after {max_rounds} rounds")
+    # the trial: the cheapest candidate everywhere tells what the rest of the artifact costs
+    state, blob, spent = attempt(budget, 0.0, fast or recipe, predict=False, log=log, trial=True)
+    if len(blob) > budget.target and fast:  # the full coder may still fit it, so the rounds need it too
+        fast = None
+        state, blob, spent = attempt(budget, 0.0, recipe, predict=False, log=log, trial=True)
+    if len(blob) > budget.target:
+        raise SqueezeError(f"budget {budget_bytes:,} bytes is too small: the smallest artifact this recipe "
+                           f"allows is {len(blob):,} bytes (+{code_bytes:,} of code)")
+    rounds = Rounds(budget, fast or recipe, log, code_bytes, budget_bytes, report, max_rounds - 1)
+    fitted = rounds.fit(budget.target - (len(blob) - spent), budget.target)
+    if fitted is None:
+        raise SqueezeError(f"budget {budget_bytes:,}: no allocation fitted after {max_rounds} rounds")
+    state, blob, pool = fitted
+    if fast:  # the recipe's own coders: per section never larger than rans alone, so it fits
+        final, final_blob, _ = attempt(budget, pool, recipe, predict=True, log=log)
+        report(f"final coder: {len(final_blob) + code_bytes:,} B")
+        if len(final_blob) <= len(blob):
+            state, blob = final, final_blob
+        ratio = len(final_blob) / rounds.sizes[pool]  # what the better coder keeps of rans's bytes
+        if budget.target - len(blob) > TOLERANCE * budget.target and rounds.left:
+            # spend what it saved: the rans rounds aim at target / ratio, the full coder then runs once more
+            more_fit = rounds.fit(pool + (budget.target - len(blob)), budget.target / ratio)
+            if more_fit is not None and more_fit[2] != pool:
+                more, more_blob, _ = attempt(budget, more_fit[2], recipe, predict=True, log=log)
+                report(f"final coder: {len(more_blob) + code_bytes:,} B")
+                if len(blob) < len(more_blob) <= budget.target:
+                    state, blob = more, more_blob
+    return compiler.CompileResult(blob=blob, state=state)
+
+
+TOLERANCE = 0.001  # the rounds stop within 0.1% under the target
+
+
+class Rounds:
+    """Budget rounds with one coder: allocate a pool, compile, adjust the pool by what the artifact missed."""
+
+    def __init__(self, budget, recipe, log, code_bytes, budget_bytes, report, max_rounds):
+        self.budget, self.recipe, self.log, self.report = budget, recipe, log, report
+        self.code_bytes, self.budget_bytes, self.left = code_bytes, budget_bytes, max_rounds
+        self.sizes = {}  # pool -> artifact bytes with the rounds' coder
+        self.estimate = recipe.encode.candidates == ("rans",) and len(budget.planned.recipe.encode.candidates) > 1
+
+    def fit(self, pool: float, target: float) -> tuple | None:
+        """(state, artifact, pool) of the largest artifact at most `target` bytes the rounds found, approached from
+        below until within TOLERANCE or out of rounds (each is a full compile; with rans alone, seconds); None
+        when none fitted."""
+        best, over = None, None  # the largest fitting (state, blob, pool); the smallest pool that overshot
+        while self.left > 0:
+            self.left -= 1
+            state, blob, _ = attempt(self.budget, pool, self.recipe, predict=True, log=self.log)
+            self.sizes[pool] = len(blob)
+            self.report(f"budget round: {len(blob) + self.code_bytes:,} B (target {self.budget_bytes:,})"
+                        + (" (rans estimate)" if self.estimate else ""))
+            if len(blob) <= target:
+                if best is None or len(blob) > len(best[1]):
+                    best = (state, blob, pool)
+                if target - len(blob) <= TOLERANCE * target:
+                    break
+                pool += target - len(blob)
+            else:
+                over = pool if over is None else min(over, pool)
+                pool -= (len(blob) - target) + target * 0.0005
+            if best is not None and over is not None and not best[2] < pool < over:
+                pool = (best[2] + over) / 2  # the pool lies between one that fits and one that overshot
+        return best
 
 
 def price(planned: State, config: allocate.AllocateConfig, target: int) -> BudgetState:
@@ -168,24 +212,12 @@ def attempt(budget: BudgetState, pool: float, recipe: Recipe, predict: bool, log
     return state, compiler.write(state), sum(o.bytes for o in chosen.values())
 
 
-def finish(budget: BudgetState, pool: float, recipe: Recipe, state: State, blob: bytes, log=None) -> tuple:
-    """The fitting allocation with the recipe's own coders (never larger than rans alone), then once more with the
-    bytes they saved added to the pool, kept only if it fits."""
-    final, final_blob, _ = attempt(budget, pool, recipe, predict=True, log=log)
-    if len(final_blob) <= len(blob):
-        state, blob = final, final_blob
-    slack = budget.target - len(blob)
-    if slack > 0.002 * budget.target:
-        more, more_blob, _ = attempt(budget, pool + slack, recipe, predict=True, log=log)
-        if len(more_blob) <= budget.target:
-            state, blob = more, more_blob
-    return state, blob
-
-
-def _rans_only(recipe: Recipe) -> Recipe | None:
-    """The recipe with rans as the only candidate coder, when it has rans and others (else None)."""
+def _rans_only(recipe: Recipe, planned: State) -> Recipe | None:
+    """The recipe with rans as the only candidate coder, when some section could be coded otherwise (else None:
+    the rounds' coder is already the final one)."""
     candidates = recipe.encode.candidates
-    if "rans" not in candidates or len(candidates) == 1:
+    codecs = {e.plan.codec for e in planned.stored_entries() if e.plan is not None}
+    if "rans" not in candidates or not ("auto" in codecs and len(candidates) > 1 or codecs - {"auto", "rans"}):
         return None
     return dataclasses.replace(recipe, encode=dataclasses.replace(recipe.encode, candidates=("rans",)))
 
