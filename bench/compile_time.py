@@ -1,13 +1,15 @@
-"""Compile time at the Parameter Golf baseline's size (issue 5): a 17M-parameter GPT, calibrated, compiled with GPTQ
-(a record-style recipe) and compiled to a byte budget, each phase timed, on the CPU or CUDA.
+"""Compile time at Parameter Golf sizes (issues 5 and 14): a GPT calibrated, compiled with GPTQ (a record-style
+recipe) and compiled to a byte budget, each phase timed, on the CPU or CUDA.
 
-    python bench/compile_time.py [--device cpu|cuda] [--ckpt CKPT] [--calib 'train_*.bin' | --calib-self N]
-        [--calib-tokens 32768] [--bits-per-param 3.5]
+    python bench/compile_time.py [--device cpu|cuda] [--ckpt CKPT | --shape baseline|record]
+        [--calib 'train_*.bin' | --calib-self N] [--calib-tokens 32768] [--bits-per-param 3.5]
 
-Without --ckpt the weights are the baseline shape (9 layers, dim 512, 8 heads, 4 KV heads, MLP x2, vocab 1024:
-17,059,912 parameters) drawn as bench/scale.py draws them (Gaussian, the usual init): compile time depends on the
-shapes, not on what the weights learned. Calibration tokens come from --calib (default: the fixture's training
-shard if fixtures/train_fixture.py has left it in its cache) or from the model itself (--calib-self).
+Without --ckpt the weights have the --shape given, drawn as bench/scale.py draws them (Gaussian, the usual init):
+compile time depends on the shapes, not on what the weights learned. `baseline`: the challenge baseline (9 layers,
+dim 512, 8 heads, 4 KV heads, MLP x2, vocab 1024: 17,059,912 parameters); `record`: the top record's size (11
+layers, dim 512, MLP x4, vocab 8192: 35,938,904 parameters, in the baseline's layout). Calibration tokens come
+from --calib (default: the fixture's training shard if fixtures/train_fixture.py has left it in its cache) or from
+the model itself (--calib-self).
 Phases: calibration (input Hessians of every linear + per-tensor sensitivities), `compile` with GPTQ on every matrix,
 and `compile --budget` (the allocator's candidate hulls, then the budget rounds), with the time of each pass.
 """
@@ -29,7 +31,8 @@ from squeeze import calibrate, compiler  # noqa: E402
 from squeeze.recipe import parse  # noqa: E402
 from scale import synthetic_state_dict  # noqa: E402
 
-BASELINE_SHAPE = {"layers": 9, "dim": 512, "vocab": 1024, "heads": 8, "kv_heads": 4, "mlp_mult": 2}
+SHAPES = {"baseline": {"layers": 9, "dim": 512, "vocab": 1024, "heads": 8, "kv_heads": 4, "mlp_mult": 2},
+          "record": {"layers": 11, "dim": 512, "vocab": 8192, "heads": 8, "kv_heads": 4, "mlp_mult": 4}}
 DEFAULT_CALIB = Path(tempfile.gettempdir()) / "squeeze-fixture-cache/train/train_000000.bin"
 GPTQ_RECIPE = ('[defaults]\nbits = 6\nclip = "std"\nclip_std_k = 12.85\nmethod = "gptq"\n'
                '[encode]\ncodec = "auto"\ncandidates = ["brotli", "rans"]\n')
@@ -41,6 +44,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="baseline")
     ap.add_argument("--calib", default=str(DEFAULT_CALIB) if DEFAULT_CALIB.exists() else None)
     ap.add_argument("--calib-self", type=int, default=0)
     ap.add_argument("--calib-tokens", type=int, default=32768)
@@ -53,9 +57,9 @@ def main():
     if args.ckpt:
         sd = torch.load(args.ckpt, map_location="cpu", weights_only=True)
     else:
-        sd = synthetic_state_dict(**BASELINE_SHAPE)
+        sd = synthetic_state_dict(**SHAPES[args.shape])
     params = sum(t.numel() for t in sd.values())
-    print(f"{args.ckpt or 'baseline-shaped Gaussian weights'}: {params:,} params; device {args.device}; "
+    print(f"{args.ckpt or args.shape + '-shaped Gaussian weights'}: {params:,} params; device {args.device}; "
           f"torch threads {torch.get_num_threads()}", flush=True)
 
     def log(r):

@@ -71,8 +71,9 @@ def main():
     ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
     for label, sens in measured.items():
         v = np.array([sens[n] for n in names])
-        print(f"  {label:<14} {seconds[label]:7.1f} s   Spearman vs probe {np.corrcoef(ranks(v), ranks(probe))[0, 1]:.3f}"
-              f"   median ratio to probe {np.median(v / probe):.3f}")
+        rho = np.corrcoef(ranks(v), ranks(probe))[0, 1]
+        print(f"  {label:<14} {seconds[label]:7.1f} s   Spearman vs probe {rho:.3f}   median ratio to probe "
+              f"{np.median(v / probe):.3f}")
 
     tmp = Path(tempfile.mkdtemp(prefix="squeeze-sens-"))
     print(f"\n{'bits/param':>10} " + " ".join(f"{label:>22}" for label in measured))

@@ -16,5 +16,5 @@ from .recipe import Recipe
 from . import verify
 from . import qat
 
-__all__ = ["compile", "compile_state_dict", "compile_to_budget", "export", "load", "inspect", "Recipe", "SqueezeError", "FormatError",
-           "RecipeError", "CheckpointError", "__version__"]
+__all__ = ["compile", "compile_state_dict", "compile_to_budget", "export", "load", "inspect", "Recipe",
+           "SqueezeError", "FormatError", "RecipeError", "CheckpointError", "__version__"]

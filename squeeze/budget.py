@@ -77,7 +77,8 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
     if len(blob) > budget.target:
         raise SqueezeError(f"budget {budget_bytes:,} bytes is too small: the smallest artifact this recipe "
                            f"allows is {len(blob):,} bytes (+{code_bytes:,} of code)")
-    rounds = Rounds(budget, fast or recipe, log, code_bytes, budget_bytes, report, max_rounds - 1)
+    rounds = Rounds(budget, fast or recipe, log, code_bytes, budget_bytes, report, max_rounds - 1,
+                    estimate=fast is not None, quick="rans" in _coders(recipe, planned))
     fitted = rounds.fit(budget.target - (len(blob) - spent), budget.target)
     if fitted is None:
         raise SqueezeError(f"budget {budget_bytes:,}: no allocation fitted after {max_rounds} rounds")
@@ -99,21 +100,24 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
     return compiler.CompileResult(blob=blob, state=state)
 
 
-TOLERANCE = 0.001  # the rounds stop within 0.1% under the target
+TOLERANCE = 0.001  # rans rounds stop within 0.1% under the target
+SLOW_TOLERANCE = 0.005  # rounds with a slow coder (no rans among the candidates) stop within 0.5%
 
 
 class Rounds:
     """Budget rounds with one coder: allocate a pool, compile, adjust the pool by what the artifact missed."""
 
-    def __init__(self, budget, recipe, log, code_bytes, budget_bytes, report, max_rounds):
+    def __init__(self, budget, recipe, log, code_bytes, budget_bytes, report, max_rounds, estimate: bool,
+                 quick: bool):
         self.budget, self.recipe, self.log, self.report = budget, recipe, log, report
         self.code_bytes, self.budget_bytes, self.left = code_bytes, budget_bytes, max_rounds
+        self.estimate = estimate  # rans alone stands in for the recipe's coders
+        self.tolerance = TOLERANCE if quick else SLOW_TOLERANCE  # quick: the rounds code with rans alone
         self.sizes = {}  # pool -> artifact bytes with the rounds' coder
-        self.estimate = recipe.encode.candidates == ("rans",) and len(budget.planned.recipe.encode.candidates) > 1
 
     def fit(self, pool: float, target: float) -> tuple | None:
         """(state, artifact, pool) of the largest artifact at most `target` bytes the rounds found, approached from
-        below until within TOLERANCE or out of rounds (each is a full compile; with rans alone, seconds); None
+        below until within the tolerance or out of rounds (each is a full compile; with rans alone, seconds); None
         when none fitted."""
         best, over = None, None  # the largest fitting (state, blob, pool); the smallest pool that overshot
         while self.left > 0:
@@ -125,7 +129,7 @@ class Rounds:
             if len(blob) <= target:
                 if best is None or len(blob) > len(best[1]):
                     best = (state, blob, pool)
-                if target - len(blob) <= TOLERANCE * target:
+                if target - len(blob) <= self.tolerance * target:
                     break
                 pool += target - len(blob)
             else:
@@ -212,12 +216,17 @@ def attempt(budget: BudgetState, pool: float, recipe: Recipe, predict: bool, log
     return state, compiler.write(state), sum(o.bytes for o in chosen.values())
 
 
-def _rans_only(recipe: Recipe, planned: State) -> Recipe | None:
-    """The recipe with rans as the only candidate coder, when some section could be coded otherwise (else None:
-    the rounds' coder is already the final one)."""
-    candidates = recipe.encode.candidates
+def _coders(recipe: Recipe, planned: State) -> set:
+    """The codecs the planned sections may end up with."""
     codecs = {e.plan.codec for e in planned.stored_entries() if e.plan is not None}
-    if "rans" not in candidates or not ("auto" in codecs and len(candidates) > 1 or codecs - {"auto", "rans"}):
+    return (codecs - {"auto"}) | (set(recipe.encode.candidates) if "auto" in codecs else set())
+
+
+def _rans_only(recipe: Recipe, planned: State) -> Recipe | None:
+    """The recipe with rans as the only candidate coder, when rans is one of several coders the sections may use
+    (else None: the rounds' coder is the final one already)."""
+    coders = _coders(recipe, planned)
+    if "rans" not in coders or coders == {"rans"}:
         return None
     return dataclasses.replace(recipe, encode=dataclasses.replace(recipe.encode, candidates=("rans",)))
 

@@ -315,12 +315,12 @@ def sensitivities(model: nn.Module, tokens: torch.Tensor, names: list, noise: fl
 
     method "fisher" (the default): ½·tr F per token from one backward pass per sequence (`fisher`), the expected
     curvature the probe measures along its noise, for all tensors at once: about 3 forwards per sequence instead
-    of 2 per tensor. method "probe": each tensor gets zero-mean Gaussian noise of std noise·std(tensor), added and then subtracted (an antithetic
-    pair cancels the first-order term exactly), so ΔL ≈ ½·tr(∇²L)·σ² and a quantization error of mean square m
-    costs about sensitivity·m. This is the budget allocator's exchange rate between bytes and loss; it does not
-    extrapolate past the probe (the allocator offers no grid with more error than the probe's noise). Small probes
-    drown in the loss's own nonlinearity, and a probe that measures nothing (≤ 0) is floored at 1% of the median,
-    so no tensor looks free.
+    of 2 per tensor. method "probe": each tensor gets zero-mean Gaussian noise of std noise·std(tensor), added and
+    then subtracted (an antithetic pair cancels the first-order term exactly), so ΔL ≈ ½·tr(∇²L)·σ². Either way a
+    quantization error of mean square m costs about sensitivity·m: the budget allocator's exchange rate between
+    bytes and loss. It does not extrapolate past the probe's noise (the allocator offers no grid with more error
+    than that). Small probes drown in the loss's own nonlinearity, and a tensor that measures nothing (≤ 0) is
+    floored at 1% of the median, so no tensor looks free.
     """
     if method not in SENSITIVITY_METHODS:
         raise SqueezeError(f"sensitivities: method {method!r}: expected one of {', '.join(SENSITIVITY_METHODS)}")

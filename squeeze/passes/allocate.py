@@ -14,7 +14,8 @@ f16 (bytes: the order-0 entropy of its two byte planes; ΔL: that of the f16 rou
 them, rank-r corrections (passes/lowrank.py), which add r·(R + C) f16 values and remove the r largest weighted
 singular values of the error.
 Where the gptq pass will refine a tensor, the grids on its round-to-nearest hull are then re-scored on GPTQ's codes
-(their entropy, and ΔL = sensitivity × tr(E H Eᵀ)/(R·tr H), which is v for white noise of variance v).
+(their entropy, and ΔL = sensitivity × tr(E H Eᵀ)/(R·tr H), which is v for white noise of variance v): all of them
+in `price`, only those around where its allocations land in the budget loop (`screen`, then `refine`).
 Only each tensor's lower convex hull of (bytes, ΔL) can be optimal. Starting from its cheapest point everywhere,
 `allocate` repeatedly moves the tensor whose next hull point buys the most loss per byte while the pool lasts
 (marginal analysis: the greedy form of reverse water-filling). The budget loop (squeeze/budget.py) prices every
