@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from . import decoder
+from . import decoder, memory
 from .calibrate import calibration_for
 from .checkpoint import load_checkpoint
 from .budget import budget_names, compile_to_budget
@@ -16,7 +16,7 @@ from .errors import SqueezeError
 from .export import CHALLENGE_LIMIT
 from .files import write_atomically
 from .inspect import inspect as inspect_artifact, render
-from .loader import load as load_artifact, read_artifact
+from .loader import check as check_artifact, read_artifact
 from .recipe import Recipe
 from .verify import record as verify_record, verify as verify_artifact
 from .verify import dist
@@ -130,10 +130,11 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
                                    hessians=hessians, code_bytes=code_bytes, log=log, device=device,
                                    calibration_skips=skips, strict_calib=strict_calib, progress=rounds)
     else:
+        memory.keep_large_blocks_mapped()  # freed tensor-sized blocks go back to the OS (squeeze/memory.py)
         result = compile_state_dict(state_dict, recipe, log=log, hessians=hessians, device=device,
                                     calibration_skips=skips, strict_calib=strict_calib)
-    # The written file is re-read and fully decoded before it replaces anything.
-    write_atomically(output, result.blob, check=load_artifact)
+    # The written file is re-read and fully decoded (tensor by tensor, keeping none) before it replaces anything.
+    write_atomically(output, result.blob, check=check_artifact)
     methods = methods_of(result.state)
     total, warnings = len(result.blob) + code_bytes, []
     if budget is None and total > CHALLENGE_LIMIT:

@@ -104,7 +104,7 @@ def _apportion(total: int, weights: list) -> list:
 
 
 def _entropy_bytes(data: bytes) -> float:
-    return rans.entropy_bits(np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)) / 8
+    return rans.entropy_bits(rans.symbol_counts(np.frombuffer(data, dtype=np.uint8))) / 8
 
 
 def _shares(art: format.Artifact, i: int, parts: list) -> tuple[list, list, list]:
@@ -152,10 +152,11 @@ def drift_of(meta: dict, sha256: str, verify_report=None) -> Drift:
     return drift
 
 
-def inspect(path_or_bytes, verify_report=None) -> Report:
+def inspect(path_or_bytes, verify_report=None, max_decoded_bytes: int = format.MAX_DECODED) -> Report:
     """Where every byte went; with `verify_report` (the path of a `squeeze verify` report, e.g.
-    record.default_path(artifact)), the measured drift too."""
-    art = read_artifact(path_or_bytes)
+    record.default_path(artifact)), the measured drift too. `max_decoded_bytes`: as for squeeze.load (larger
+    artifacts are refused)."""
+    art = read_artifact(path_or_bytes, max_decoded_bytes)
     art.check_crcs()
     attributed, raw_of, codecs_of, entropy_of, overhead_of, codes_of, model_of = {}, {}, {}, {}, {}, {}, {}
     members = {}  # section -> [(offset, raw length, tensor, kind)], in offset order like the section layout
@@ -179,8 +180,9 @@ def inspect(path_or_bytes, verify_report=None) -> Report:
                 codes_of[name] = share
                 if model:
                     model_of[name] = model
-                entropy_of[name] = _entropy_bytes(art.section(i)[off: off + n])
+                entropy_of[name] = _entropy_bytes(memoryview(art.section(i))[off: off + n])
                 entropy += entropy_of[name]
+        art._decoded.pop(i, None)  # format.Artifact's cache: one decoded section at a time, not all of them
         sections.append({"index": i, "name": s["name"], "codec": s["codec"], "shuffle": s["shuffle"],
                          "raw": s["raw"], "size": s["size"],
                          "ratio": round(s["raw"] / s["size"], 3) if s["size"] else 0.0,

@@ -3,12 +3,13 @@
 format.read has checked every header field; what is left for here are the checks on decoded bytes (code ranges,
 bool bytes), which only decoding can make.
 """
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import format, packing, quant
+from . import format, memory, packing, quant
 from .dtypes import itemsize, tensor_from_bytes, torch_dtype
 from .errors import FormatError
 
@@ -66,18 +67,39 @@ def lowrank_factors(art: format.Artifact, t: dict, rows: int, cols: int) -> tupl
             tensor_from_bytes(data[cut:], q["ldtype"], (q["rank"], cols)))
 
 
+def _stored_tensors(art: format.Artifact, by_section: bool = False):
+    """(header object, decoded tensor) of every stored tensor (not aliases or stacks), in header order, or grouped by
+    the section holding their codes or data (`by_section`: one large section decoded at a time, not all of them).
+    Each decoded section is dropped from the artifact's cache once no later tensor reads it."""
+    order = [t for t in art.tensors if "stack" not in t and "alias" not in t]
+    if by_section:
+        order.sort(key=lambda t: (t["codes"] if "codes" in t else t["data"])[0])
+    last = {}  # section -> the last tensor in `order` that reads it
+    for j, t in enumerate(order):
+        for kind in format.PART_KINDS:
+            if kind in t:
+                last[t[kind][0]] = j
+    release = {}
+    for i, j in last.items():
+        release.setdefault(j, []).append(i)
+    for j, t in enumerate(order):
+        yield t, decode_tensor(art, t)
+        for i in release.get(j, ()):
+            art._decoded.pop(i, None)  # format.Artifact's cache of decoded sections
+        if j in release:
+            memory.trim()
+
+
 def load(path_or_bytes, max_decoded_bytes: int = format.MAX_DECODED) -> dict:
     """All tensors of an artifact, in the checkpoint's original order; aliases share their target's tensor, a stack
     (format 1.3) is its slices put together. FormatError for anything malformed; artifacts decoding to more than
     `max_decoded_bytes` are refused."""
     art = read_artifact(path_or_bytes, max_decoded_bytes)
-    out = {}
+    out = {t["name"]: x for t, x in _stored_tensors(art, by_section=True)}
     for t in art.tensors:
         if "stack" in t:
             slices = [out.pop(name).reshape(-1) for name in t["stack"]]
             out[t["name"]] = torch.cat(slices + [torch.empty(0, dtype=torch_dtype(t["dtype"]))]).reshape(t["shape"])
-        elif "alias" not in t:
-            out[t["name"]] = decode_tensor(art, t)
     result = {}
     for t in art.tensors:
         if "alias" in t:
@@ -86,3 +108,13 @@ def load(path_or_bytes, max_decoded_bytes: int = format.MAX_DECODED) -> dict:
         elif t["name"] in out:
             result[t["name"]] = out[t["name"]]
     return result
+
+
+def check(path_or_bytes, max_decoded_bytes: int | None = None) -> int:
+    """Decode every stored tensor of an artifact as `load` does, one at a time, keeping none; the number of tensors
+    decoded. What compile does to the file it wrote before that file replaces anything: the same checks as load,
+    with memory for one tensor and the decoded sections still to be read instead of the whole model. Without
+    `max_decoded_bytes`, no bound on the decoded size (the file is our own output, not an untrusted one)."""
+    memory.trim()
+    art = read_artifact(path_or_bytes, sys.maxsize if max_decoded_bytes is None else max_decoded_bytes)
+    return sum(1 for _ in _stored_tensors(art, by_section=True))

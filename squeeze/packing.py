@@ -46,6 +46,29 @@ def unpack(data: bytes, n_codes: int, bits: int, layout: str) -> np.ndarray:
     return out
 
 
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+
+
+def joined(parts: list):
+    """The parts' bytes one after another: the buffer they are consecutive views of when they are (pack lays out
+    each section's parts so), as a read-only memoryview, without copying; else a joined copy (bytes)."""
+    views = [p for p in parts if len(p)]
+    if views and all(isinstance(p, memoryview) and p.obj is views[0].obj for p in views):
+        base = memoryview(views[0].obj)
+        if base.format != "B" or not base.c_contiguous:
+            return b"".join(parts)
+        pos = start = _address(base)
+        for p in views:
+            if p.format != "B" or _address(p) != pos:
+                break
+            pos += len(p)
+        else:
+            if pos - start == base.nbytes:
+                return base.toreadonly()
+    return b"".join(parts)
+
+
 def shuffle(data: bytes, width: int) -> bytes:
     """Byte-transpose elements of `width` bytes: all first bytes, then all second bytes, ... (FORMAT.md, shuffle)."""
     if width <= 1:

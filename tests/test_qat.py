@@ -239,7 +239,10 @@ class TiedLM(nn.Module):
 
 def test_inductor_computes_with_the_artifact_weights():
     """Inductor drops fp16 round trips inside fused kernels; the fake-quant's rounding steps are custom ops so the
-    compiled prepared model still equals the compiled decoded model bit for bit."""
+    compiled prepared model computes with the decoded weights. Not bit for bit: inductor fuses the two graphs
+    differently around the custom ops and may order float sums differently (4e-6 of outputs up to 43 on an AMD EPYC
+    VM), so the bound is float-sum noise, three orders of magnitude below what one dropped fp16 rounding of the
+    scales would make (~1e-3 relative)."""
     torch.manual_seed(0)
     model = TiedLM()
     recipe = parse('name="t"\n[encode]\ncodec="zlib"\n[keep_float]\nmax_numel=32\nsmall_dtype="fp16"\n'
@@ -248,8 +251,8 @@ def test_inductor_computes_with_the_artifact_weights():
     plain = TiedLM()
     plain.load_state_dict(squeeze.load(handle.compile()))
     ids = torch.randint(0, 64, (2, 8))
-    out = torch.compile(model)(ids)
-    assert bitwise_equal(out, torch.compile(plain)(ids))
+    out, ref = torch.compile(model)(ids), torch.compile(plain)(ids)
+    assert (out - ref).abs().max() <= 1e-6 * ref.abs().max()
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 

@@ -9,6 +9,7 @@ Decoding is vectorised over `lanes` interleaved states, so numpy alone decodes t
 the emitted tiny decoder runs the same loop (DECODER_DEF at the end of this file, which squeeze/decoder.py pastes
 in). Encoding runs the same loop backwards.
 """
+import dataclasses
 import zlib
 from dataclasses import dataclass
 
@@ -68,6 +69,16 @@ def quantize_counts(counts: np.ndarray, prob_bits: int = PROB_BITS) -> np.ndarra
     return f
 
 
+def symbol_counts(sym: np.ndarray) -> np.ndarray:
+    """np.bincount(sym, minlength=256) of uint8 symbols, a million at a time (bincount widens its input to int64: 8
+    bytes per symbol of a whole section otherwise)."""
+    sym = sym.reshape(-1)
+    counts = np.zeros(256, dtype=np.int64)
+    for a in range(0, sym.size, 1 << 20):
+        counts += np.bincount(sym[a:a + (1 << 20)], minlength=256)
+    return counts
+
+
 def code_bits(counts: np.ndarray, freqs: np.ndarray, prob_bits: int = PROB_BITS) -> float:
     """Bits to code symbols with these counts under these frequencies (the coder's cost within a few bits)."""
     used = counts > 0
@@ -102,9 +113,14 @@ def _classes(spread: np.ndarray, k: int) -> np.ndarray:
     return np.searchsorted(edges, spread, side="right").astype(np.int64)
 
 
-def _class_tables(sym2d: np.ndarray, pos_cls: np.ndarray, k: int) -> tuple[float, list]:
-    """(estimated bits, tables) of coding sym2d with one table per class of positions."""
-    class_counts = np.bincount(pos_cls * 256 + sym2d.ravel(), minlength=k * 256).reshape(k, 256)
+def _class_tables(sym2d: np.ndarray, cls: np.ndarray, mode: int, k: int) -> tuple[float, list]:
+    """(estimated bits, tables) of coding sym2d with one table per class of its rows (`cls` per row, modes 1 and 3)
+    or columns (per column, mode 2)."""
+    rows, cols = sym2d.shape
+    pos_cls = np.repeat(cls << 8, cols) if mode != 2 else np.tile(cls << 8, rows)
+    pos_cls += sym2d.ravel()
+    class_counts = np.bincount(pos_cls, minlength=k * 256).reshape(k, 256)
+    del pos_cls
     bits, tables = 0.0, []
     for c in class_counts:
         f = quantize_counts(c)
@@ -149,9 +165,10 @@ def row_references(sym2d: np.ndarray) -> np.ndarray:
 
 
 def _part_options(sym2d: np.ndarray, shared: np.ndarray):
-    """Yield (bits, model values after the table list, [freqs per class], table index per class position,
-    symbols as coded) for each way to code one part. Table indices in the values are relative to the part's tables."""
-    counts = np.bincount(sym2d.ravel(), minlength=256)
+    """Yield (bits, model values after the table list, [freqs per class], class of each row (modes 1, 3) or column
+    (mode 2), symbols as coded) for each way to code one part. Table indices in the values are relative to the part's
+    tables."""
+    counts = symbol_counts(sym2d)
     yield code_bits(counts, shared), None, None, None, sym2d  # the section's shared table (its cost is paid once)
     own = quantize_counts(counts)
     yield code_bits(counts, own) + _table_cost_bits(own), [0], [own], None, sym2d
@@ -159,16 +176,16 @@ def _part_options(sym2d: np.ndarray, shared: np.ndarray):
     if sym2d.size < MIN_CLASS_SYMBOLS:
         return
     centre = float((np.arange(256) * counts).sum() / max(1, counts.sum()))
-    dev_of_symbol = np.abs(np.arange(256) - centre)
-    spread_of = {1: dev_of_symbol[sym2d].mean(axis=1), 2: dev_of_symbol[sym2d].mean(axis=0)}
+    dev = np.abs(np.arange(256) - centre)[sym2d]
+    spread_of = {1: dev.mean(axis=1), 2: dev.mean(axis=0)}
+    del dev
     for mode, axis_len in ((1, rows), (2, cols)):
         for k in CLASS_CHOICES:
             if axis_len < 4 * k:
                 continue
             cls = _classes(spread_of[mode], k)
-            pos_cls = np.repeat(cls, cols) if mode == 1 else np.tile(cls, rows)
-            bits, tables = _class_tables(sym2d, pos_cls, k)
-            yield bits + 8 * 0.6 * axis_len, [mode, k, *range(k), *cls.tolist()], tables, pos_cls, sym2d
+            bits, tables = _class_tables(sym2d, cls, mode, k)
+            yield bits + 8 * 0.6 * axis_len, [mode, k, *range(k), *cls.tolist()], tables, cls, sym2d
     back = row_references(sym2d)
     if back.any():  # mode 3: referencing rows are coded as differences, with a class (table) of their own
         coded = sym2d.copy()
@@ -180,42 +197,101 @@ def _part_options(sym2d: np.ndarray, shared: np.ndarray):
                 continue
             cls = np.full(rows, k, dtype=np.int64)
             cls[plain] = _classes(spread_of[1][plain], k)
-            bits, tables = _class_tables(coded, np.repeat(cls, cols), k + 1)
+            bits, tables = _class_tables(coded, cls, 3, k + 1)
             side = 8 * (0.6 * rows + 1.5 * ref.size)  # classes, and back distances (zeros compress away)
-            yield bits + side, [3, k + 1, *range(k + 1), *cls.tolist(), *back.tolist()], tables, \
-                np.repeat(cls, cols), coded
+            yield bits + side, [3, k + 1, *range(k + 1), *cls.tolist(), *back.tolist()], tables, cls, coded
 
 
-def choose_model(sym: np.ndarray, layout) -> tuple[list, list, np.ndarray, np.ndarray]:
-    """(tables, model values after the tables, table index per symbol position, symbols as coded), minimising the
-    estimated bytes of each part."""
-    shared = quantize_counts(np.bincount(sym, minlength=256))
+@dataclass
+class _Part:
+    """Where one part's symbols take their tables from: `table` (mode 0), or `ids`, the table index of each row
+    (modes 1, 3) or column (mode 2); `coded`: its symbols as coded when they are not the section's (mode 3)."""
+    start: int
+    rows: int
+    cols: int
+    mode: int
+    table: int = 0
+    ids: np.ndarray | None = None
+    coded: np.ndarray | None = None
+
+
+class _Contexts:
+    """The table index (and coded symbol) of every position of a section, made a block at a time (BLOCK positions)
+    from its parts: a whole section's worth would cost bytes per symbol, a block costs a few megabytes."""
+
+    def __init__(self, parts: list, n: int, sym: np.ndarray | None = None):
+        self.parts = [p for p in parts if p.rows * p.cols]
+        self.starts = np.array([p.start for p in self.parts], dtype=np.int64)
+        self.n, self.sym = n, sym
+
+    def remapped(self, table_of: np.ndarray) -> "_Contexts":
+        """The same contexts with every table index t replaced by table_of[t]."""
+        parts = [dataclasses.replace(p, table=int(table_of[p.table]) if p.mode == 0 else 0,
+                                     ids=None if p.ids is None else table_of[p.ids]) for p in self.parts]
+        return _Contexts(parts, self.n, self.sym)
+
+    def block(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(table index u16[b − a], symbols as coded u8[b − a] or None without `sym`) of positions a..b."""
+        ctx = np.empty(b - a, dtype=np.uint16)
+        sym = None if self.sym is None else self.sym[a:b]
+        copied = False
+        i = max(0, int(np.searchsorted(self.starts, a, side="right")) - 1)
+        while i < len(self.parts) and self.parts[i].start < b:
+            p = self.parts[i]
+            i += 1
+            s, e = max(a, p.start) - p.start, min(b, p.start + p.rows * p.cols) - p.start  # within the part
+            if e <= s:
+                continue
+            out = ctx[p.start + s - a: p.start + e - a]
+            if p.mode == 0:
+                out[:] = p.table
+            else:
+                r0, r1 = s // p.cols, (e - 1) // p.cols + 1
+                per = np.repeat(p.ids[r0:r1], p.cols) if p.mode != 2 else np.tile(p.ids, r1 - r0)
+                out[:] = per[s - r0 * p.cols: e - r0 * p.cols]
+            if p.coded is not None and sym is not None:
+                if not copied:
+                    sym, copied = sym.copy(), True
+                sym[p.start + s - a: p.start + e - a] = p.coded.ravel()[s:e]
+        return ctx, sym
+
+
+def _choose(sym: np.ndarray, layout) -> tuple[list, list, list]:
+    """(tables, model values after the tables, [_Part] in layout order), minimising the estimated bytes of each
+    part."""
+    shared = quantize_counts(symbol_counts(sym))
     shared_index = None
-    tables, values, ctx_parts, coded_parts, pos = [], [], [], [], 0
+    tables, values, parts, pos = [], [], [], 0
     for rows, cols in layout:
         part = sym[pos: pos + rows * cols].reshape(rows, cols)
-        pos += rows * cols
-        _, part_values, freqs, pos_cls, coded = min(_part_options(part, shared), key=lambda o: o[0])
-        coded_parts.append(coded.ravel())
+        start, pos = pos, pos + rows * cols
+        _, part_values, freqs, cls, coded = min(_part_options(part, shared), key=lambda o: o[0])
+        coded = coded if coded is not part else None
         if part_values is None:  # the shared table, added the first time a part uses it
             if shared_index is None:
                 shared_index = len(tables)
                 tables.append(shared)
             values += [0, shared_index]
-            ctx_parts.append(np.full(part.size, shared_index, dtype=np.int64))
+            parts.append(_Part(start, rows, cols, 0, table=shared_index))
             continue
         first = len(tables)
         tables += freqs
         if part_values[0] == 0:
             values += [0, first]
-            ctx_parts.append(np.full(part.size, first, dtype=np.int64))
+            parts.append(_Part(start, rows, cols, 0, table=first))
         else:
             k = part_values[1]
             values += part_values[:2] + [first + t for t in part_values[2:2 + k]] + part_values[2 + k:]
-            ctx_parts.append(first + pos_cls)
-    ctx = np.concatenate(ctx_parts) if ctx_parts else np.zeros(0, dtype=np.int64)
-    coded = np.concatenate(coded_parts) if coded_parts else np.zeros(0, dtype=np.uint8)
-    return tables, values, ctx, coded.astype(np.uint8)
+            parts.append(_Part(start, rows, cols, part_values[0], ids=(first + cls).astype(np.uint16), coded=coded))
+    return tables, values, parts
+
+
+def choose_model(sym: np.ndarray, layout) -> tuple[list, list, np.ndarray, np.ndarray]:
+    """(tables, model values after the tables, table index per symbol position, symbols as coded), minimising the
+    estimated bytes of each part. (The encoder itself never holds the per-position arrays: see _Contexts.)"""
+    tables, values, parts = _choose(sym, layout)
+    ctx, coded = _Contexts(parts, sym.size, sym).block(0, sym.size)
+    return tables, values, ctx.astype(np.int64), np.array(coded, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,59 +320,106 @@ def _slot_tables(tables: list, prob_bits: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(sym), np.concatenate(packed)
 
 
-def encode_symbols(sym: np.ndarray, ctx: np.ndarray, tables: list, lanes: int, prob_bits: int = PROB_BITS):
-    """(final states u32[lanes], words u16[]) for symbols `sym` whose table indices are `ctx`."""
-    n = sym.size
+BLOCK = 1 << 18  # positions whose tables, frequencies and slots are made at once (a multiple of any lane count)
+
+
+def _coding_tables(tables: list) -> tuple[np.ndarray, np.ndarray]:
+    """Frequency and cumulative frequency of every (table, symbol), flat: index table·256 + symbol (u32)."""
     full = np.stack([np.asarray(f, dtype=np.int64) for f in tables]) if tables else np.zeros((0, 256), np.int64)
     cum = np.concatenate([np.zeros((full.shape[0], 1), np.int64), np.cumsum(full, axis=1)[:, :-1]], axis=1)
-    key = ctx * 256 + sym
-    f_all, c_all = full.ravel()[key].astype(np.uint32), cum.ravel()[key].astype(np.uint32)
-    del key
-    if n and f_all.min() == 0:
-        raise ValueError("rans: a symbol has zero frequency in its table")
+    return full.ravel().astype(np.uint32), cum.ravel().astype(np.uint32)
+
+
+def _encode_blocks(n: int, contexts, tables: list, lanes: int, prob_bits: int = PROB_BITS):
+    """(final states u32[lanes], words as u16 chunks in stream order) of n symbols, `contexts.block(a, b)` giving
+    the table indices and symbols of positions a..b. Blocks are coded last to first (rANS runs backwards), each
+    made when it is reached, so memory is a few bytes per block position, not per symbol."""
+    f_flat, c_flat = _coding_tables(tables)
     x = np.full(lanes, STATE_LOW, dtype=np.uint64)
     chunks = []
-    shift = 32 - prob_bits
-    for a in reversed(range(0, n, max(lanes, 1))):
-        w = min(lanes, n - a)
-        y, f, c = x[:w], f_all[a:a + w].astype(np.uint64), c_all[a:a + w]
-        emit = y >= (f << np.uint64(shift))
-        chunks.append((y[emit] & 0xFFFF).astype(np.uint16))
-        y = np.where(emit, y >> np.uint64(16), y)
-        x[:w] = ((y // f) << np.uint64(prob_bits)) + (y % f) + c
-    words = np.concatenate(chunks[::-1]) if chunks else np.zeros(0, np.uint16)
-    return x.astype(np.uint32), words
+    shift, p, low16 = np.uint64(32 - prob_bits), np.uint64(prob_bits), np.uint64(0xFFFF)
+    step = max(lanes, 1)
+    span = step * max(1, BLOCK // step)  # blocks start where steps do: at multiples of the lane count
+    for b0 in reversed(range(0, n, span)):
+        b1 = min(n, b0 + span)
+        ctx, sym = contexts.block(b0, b1)
+        key = (ctx.astype(np.int64) << 8) | sym
+        f_blk = f_flat[key]
+        if f_blk.min() == 0:
+            raise ValueError("rans: a symbol has zero frequency in its table")
+        c_blk = c_flat[key].astype(np.uint64)
+        del key, ctx, sym
+        f_blk = f_blk.astype(np.uint64)
+        lim_blk = f_blk << shift
+        for a in reversed(range(b0, b1, step)):
+            w, i = min(lanes, n - a), a - b0
+            y, f = x[:w], f_blk[i:i + w]
+            emit = y >= lim_blk[i:i + w]
+            chunks.append((y[emit] & low16).astype("<u2"))
+            np.right_shift(y, np.uint64(16), out=y, where=emit)
+            q, r = np.divmod(y, f)
+            np.left_shift(q, p, out=q)
+            q += r
+            q += c_blk[i:i + w]
+            x[:w] = q
+    return x.astype(np.uint32), chunks[::-1]
 
 
-def decode_symbols(states: np.ndarray, words: np.ndarray, ctx: np.ndarray, tables: list, prob_bits: int,
-                   what: str = "rans") -> np.ndarray:
-    """Inverse of encode_symbols; FormatError if the stream is inconsistent (too few words, bad final state).
+class _Arrays:
+    """Contexts (and symbols) given as whole arrays."""
+
+    def __init__(self, ctx: np.ndarray, sym: np.ndarray | None = None):
+        self.ctx, self.sym, self.n = ctx, sym, ctx.size
+
+    def block(self, a: int, b: int):
+        return self.ctx[a:b], None if self.sym is None else self.sym[a:b]
+
+
+def encode_symbols(sym: np.ndarray, ctx: np.ndarray, tables: list, lanes: int, prob_bits: int = PROB_BITS):
+    """(final states u32[lanes], words u16[]) for symbols `sym` whose table indices are `ctx`."""
+    states, chunks = _encode_blocks(sym.size, _Arrays(np.asarray(ctx), np.asarray(sym, dtype=np.uint8)), tables,
+                                    lanes, prob_bits)
+    return states, np.concatenate(chunks) if chunks else np.zeros(0, np.uint16)
+
+
+def decode_symbols(states: np.ndarray, words: np.ndarray, ctx, tables: list, prob_bits: int,
+                   what: str = "rans", out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of encode_symbols (`ctx`: the table indices, an array or a _Contexts; `out`: a u8 array to decode
+    into); FormatError if the stream is inconsistent (too few words, bad final state).
 
     Each step decodes one symbol in every lane with a handful of numpy calls on `lanes`-long vectors; the slot
-    indices are kept and mapped to symbols once at the end (one large gather beats one per step)."""
-    n, lanes = ctx.size, states.size
+    indices of a block of steps are kept and mapped to symbols at its end (one large gather beats one per step, and
+    a block's slots, not the section's, are what memory holds)."""
+    contexts = _Arrays(ctx) if isinstance(ctx, np.ndarray) else ctx
+    n, lanes = contexts.n, states.size
     slot_sym, slot_packed = _slot_tables(tables, prob_bits)
-    mask = (1 << prob_bits) - 1
+    mask = np.uint32((1 << prob_bits) - 1)
+    shift = np.uint32(prob_bits)
     x = states.astype(np.uint32).copy()
-    words = words.astype(np.uint32)
-    slots = np.empty(n, dtype=np.uint32)
+    out = np.empty(n, dtype=np.uint8) if out is None else out
     p = 0
-    for a in range(0, n, max(lanes, 1)):
-        w = min(lanes, n - a)
-        idx = (ctx[a:a + w].astype(np.uint32) << prob_bits) | (x[:w] & mask)
-        slots[a:a + w] = idx
-        packed = slot_packed[idx]
-        y = (packed >> prob_bits) * (x[:w] >> prob_bits) + (packed & mask)
-        low = y < STATE_LOW
-        k = int(np.count_nonzero(low))
-        if p + k > words.size:
-            raise FormatError(f"{what}: stream ends early")
-        y[low] = (y[low] << 16) | words[p:p + k]
-        p += k
-        x[:w] = y
+    step = max(lanes, 1)
+    span = step * max(1, BLOCK // step)
+    for b0 in range(0, n, span):
+        b1 = min(n, b0 + span)
+        slots = contexts.block(b0, b1)[0].astype(np.uint32) << shift
+        for a in range(b0, b1, step):
+            w, i = min(lanes, n - a), a - b0
+            idx = slots[i:i + w]
+            idx |= x[:w] & mask
+            packed = slot_packed[idx]
+            y = (packed >> shift) * (x[:w] >> shift) + (packed & mask)
+            low = y < STATE_LOW
+            k = int(np.count_nonzero(low))
+            if p + k > words.size:
+                raise FormatError(f"{what}: stream ends early")
+            y[low] = (y[low] << 16) | words[p:p + k]
+            p += k
+            x[:w] = y
+        out[b0:b1] = slot_sym[slots]
     if p != words.size or (lanes and not np.all(x == STATE_LOW)):
         raise FormatError(f"{what}: stream does not end where it should (damaged)")
-    return slot_sym[slots]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,15 +427,14 @@ def decode_symbols(states: np.ndarray, words: np.ndarray, ctx: np.ndarray, table
 
 def encode(raw_bytes: bytes, params, layout) -> bytes:
     sym = np.frombuffer(raw_bytes, dtype=np.uint8)
-    tables, part_values, ctx, coded = choose_model(sym, layout)
+    tables, part_values, parts = _choose(sym, layout)
     model = np.array([len(tables)] + [v for f in tables for v in _table_values(f)] + part_values, dtype="<u2")
     model_z = zlib.compress(model.tobytes(), 9)
     lanes = lanes_for(sym.size)
-    tables_256 = [np.asarray(f, dtype=np.int64) for f in tables]
-    states, words = encode_symbols(coded.astype(np.int64), ctx, tables_256, lanes)
+    states, chunks = _encode_blocks(sym.size, _Contexts(parts, sym.size, sym), tables, lanes)
     head = np.array([PROB_BITS, 0], dtype=np.uint8).tobytes() + np.array([lanes], "<u2").tobytes() \
         + np.array([len(model_z)], "<u4").tobytes()
-    return head + model_z + states.astype("<u4").tobytes() + words.astype("<u2").tobytes()
+    return b"".join([head, model_z, states.astype("<u4"), *chunks])
 
 
 def model_bound(layout) -> int:
@@ -334,13 +456,18 @@ class _Cursor:
 
 @dataclass
 class Model:
-    """A parsed model: tables as 256-entry frequency arrays, the table index of every symbol position, the row
-    references of mode-3 parts as (part offset, cols, back distances), and a short description of each part's model."""
+    """A parsed model: tables as 256-entry frequency arrays, where each part's positions take their tables from
+    (`contexts`; `ctx` is the table index of every position, made whole on demand), the row references of mode-3
+    parts as (part offset, cols, back distances), and a short description of each part's model."""
     tables: list
-    ctx: np.ndarray
+    contexts: "_Contexts"
     references: list
     part_models: list
     referenced: set         # table indices some part names: only these get decoder lookup tables
+
+    @property
+    def ctx(self) -> np.ndarray:
+        return self.contexts.block(0, self.contexts.n)[0]
 
 
 def parse_model(values: np.ndarray, layout, prob_bits: int, what: str) -> Model:
@@ -358,7 +485,7 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str) -> Model:
         full = np.zeros(256, dtype=np.int64)
         full[lo:lo + n] = f
         tables.append(full)
-    ctx_parts, references, part_models, referenced, offset = [], [], [], set(), 0
+    parts, references, part_models, referenced, offset = [], [], [], set(), 0
     for rows, cols in layout:
         offset += rows * cols
         mode = int(cur.take()[0])
@@ -366,7 +493,7 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str) -> Model:
             t = int(cur.take()[0])
             if t >= n_tables:
                 raise FormatError(f"{what}: table index {t} out of range")
-            ctx_parts.append(np.full(rows * cols, t, dtype=np.uint16))
+            parts.append(_Part(offset - rows * cols, rows, cols, 0, table=t))
             part_models.append(f"table {t}")
             referenced.add(t)
             continue
@@ -380,8 +507,8 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str) -> Model:
         if (ids >= n_tables).any() or (cls >= k).any():
             raise FormatError(f"{what}: class or table index out of range")
         referenced.update(int(t) for t in ids)
-        ids = ids.astype(np.uint16)  # 2 bytes per position: a declared size costs the reader 3 bytes a symbol at most
-        ctx_parts.append(np.tile(ids[cls], rows) if mode == 2 else np.repeat(ids[cls], cols))
+        # a table index per row or column, not per position: the reader holds no per-symbol model
+        parts.append(_Part(offset - rows * cols, rows, cols, mode, ids=ids.astype(np.uint16)[cls]))
         part_models.append(f"{k} {'column' if mode == 2 else 'row'} classes")
         if mode == 3:
             back = cur.take(rows)
@@ -391,8 +518,7 @@ def parse_model(values: np.ndarray, layout, prob_bits: int, what: str) -> Model:
             part_models[-1] = f"{np.count_nonzero(back)} row refs + {k - 1} row classes"
     if cur.i != cur.v.size:
         raise FormatError(f"{what}: model has {cur.v.size - cur.i} values too many")
-    ctx = np.concatenate(ctx_parts) if ctx_parts else np.zeros(0, dtype=np.uint16)
-    return Model(tables, ctx, references, part_models, referenced)
+    return Model(tables, _Contexts(parts, offset), references, part_models, referenced)
 
 
 def undo_row_references(sym: np.ndarray, references) -> np.ndarray:
@@ -445,32 +571,54 @@ def read_stream(stored: bytes, raw_size: int, layout, what: str = "rans") -> Str
     return Stream(prob_bits, parsed, states, words, body + 4 * lanes)
 
 
-def decode(stored: bytes, raw_size: int, layout) -> bytes:
+def decode(stored: bytes, raw_size: int, layout) -> bytearray:
     st = read_stream(stored, raw_size, layout)
-    tables, ctx = st.model.tables, st.model.ctx
+    tables, contexts = st.model.tables, st.model.contexts
     if len(st.model.referenced) < len(tables):  # tables no part names (never written by squeeze) get no lookups
         used = sorted(st.model.referenced)
         remap = np.zeros(len(tables), dtype=np.uint16)
         remap[used] = np.arange(len(used))
-        tables, ctx = [tables[i] for i in used], remap[ctx]
-    sym = decode_symbols(st.states, st.words, ctx, tables, st.prob_bits)
-    return undo_row_references(sym, st.model.references).tobytes()
+        tables, contexts = [tables[i] for i in used], contexts.remapped(remap)
+    # decoded into a bytearray that is returned as it is: a section's worth of bytes, not two (bytes would be a copy)
+    out = bytearray(raw_size)
+    sym = decode_symbols(st.states, st.words, contexts, tables, st.prob_bits, "rans", np.frombuffer(out, np.uint8))
+    undo_row_references(sym, st.model.references)
+    del sym
+    return out
 
 
 def stream_costs(stored: bytes, raw: bytes, layout) -> tuple[int, list, list]:
     """Where a rans section's bytes went: (overhead bytes: stream header, model and lane states; the coded bits of
-    each part under its tables, in layout order; each part's model described). For inspect."""
+    each part under its tables, in layout order; each part's model described). For inspect.
+
+    Per part: the counts of each (table, coded symbol) times that symbol's cost under the table, so memory is a
+    part's worth of counts, never a value per symbol."""
     st = read_stream(stored, len(raw), layout)
-    sym = np.frombuffer(raw, dtype=np.uint8).copy()
-    for offset, cols, back in st.model.references[::-1]:  # the coded symbols: differences, undone in reverse order
-        for r in np.flatnonzero(back)[::-1]:
-            row, ref = offset + r * cols, offset + (r - back[r]) * cols
-            sym[row:row + cols] -= sym[ref:ref + cols]
-    freq = np.stack(st.model.tables).ravel()[st.model.ctx.astype(np.int64) * 256 + sym] if sym.size else np.zeros(0)
-    bits = st.prob_bits - np.log2(np.maximum(freq, 1))
-    ends = np.cumsum([r * c for r, c in layout]).astype(np.int64)
-    starts = ends - [r * c for r, c in layout]
-    return st.overhead, [float(bits[a:b].sum()) for a, b in zip(starts, ends)], st.model.part_models
+    sym = np.frombuffer(raw, dtype=np.uint8)
+    cost = st.prob_bits - np.log2(np.maximum(np.stack(st.model.tables), 1)) if st.model.tables else None
+    back_of = {offset: back for offset, _, back in st.model.references}
+    bits, contexts = [], st.model.contexts
+    parts = iter(contexts.parts)
+    for rows, cols in layout:
+        if rows * cols == 0:
+            bits.append(0.0)
+            continue
+        p = next(parts)
+        coded = sym[p.start: p.start + rows * cols]
+        if p.start in back_of:  # the coded symbols of a mode-3 part: its differences, undone in reverse order
+            back, coded = back_of[p.start], coded.copy()
+            for r in np.flatnonzero(back)[::-1]:
+                coded[r * cols: (r + 1) * cols] -= coded[(r - back[r]) * cols: (r - back[r] + 1) * cols]
+        if p.mode == 0:
+            counts = symbol_counts(coded)
+            bits.append(float((counts * cost[p.table]).sum()))
+            continue
+        used = np.unique(p.ids)
+        local = np.searchsorted(used, p.ids).astype(np.int64) << 8  # per row (modes 1, 3) or column (mode 2)
+        index = np.repeat(local, cols) if p.mode != 2 else np.tile(local, rows)
+        counts = np.bincount(index + coded, minlength=used.size * 256).reshape(used.size, 256)
+        bits.append(float((counts * cost[used]).sum()))
+    return st.overhead, bits, st.model.part_models
 
 
 # The tiny decoder's part (squeeze/decoder.py): V(header) gives each section's parts as (offset, length, name,

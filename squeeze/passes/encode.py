@@ -4,16 +4,23 @@ Parts of one kind and role share a section (all MLP codes together, all fp16 sca
 learns the statistics of a large homogeneous stream better than of many small ones. Sections of 2-, 4- or 8-byte
 elements are also tried byte-shuffled (all low bytes, then all high bytes), which suits fp16 scales and floats.
 Layout-aware codecs (rans) also get the section's parts as matrices (format.part_matrix), unshuffled only.
+
+Memory: a section is coded from the buffer pack laid its parts out in (no joined copy when the parts are consecutive
+views of one buffer); of each section's candidates only the smallest output is kept, as soon as it is known; and
+byte compressors on large sections run one at a time (brotli-11 with a 16 MB window holds ~250 MB of match state),
+beside the other jobs, so that two of them never add up, and before the other candidates of their section. The
+state encode returns has its sections and no parts (pack's buffers are let go with the state pack returned).
 """
 import dataclasses
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .. import codecs
+from .. import codecs, memory
 from ..codecs import EncodeParams
 from ..format import part_matrix
 from ..dtypes import itemsize
-from ..packing import shuffle
+from ..packing import joined, shuffle
 from ..state import Section, State
 
 
@@ -24,6 +31,9 @@ class EncodeConfig:
     shuffle: str = "auto"                         # auto | off
     params: EncodeParams = EncodeParams()
     workers: int = 2
+
+
+HEAVY_BYTES = 8 << 20  # byte-compressor jobs on sections at least this large run one at a time
 
 
 def _group_key(e, kind: str, group_by: str) -> tuple[str, int]:
@@ -50,6 +60,11 @@ def _candidates(codec: str, width: int, config: EncodeConfig) -> list[tuple[str,
     return [(n, w) for n in dict.fromkeys(names) for w in widths if w == 1 or not codecs.uses_layout(n)]
 
 
+def group_key(e, kind: str, group_by: str) -> tuple[str, str]:
+    """(section name, codec) of the section one part goes to (before names shared by two codecs get "@codec")."""
+    return _group_key(e, kind, group_by)[0], e.plan.codec
+
+
 def _encode_one(job):
     name, width, raw, layout, config = job
     return codecs.encode(name, shuffle(raw, width), config.params, layout if width == 1 else None)
@@ -59,7 +74,45 @@ def _matrix(e, kind: str, data: bytes) -> tuple[int, int]:
     return part_matrix(kind, e.shape, e.plan.pack if kind == "codes" else None, len(data))
 
 
-def run(state: State, config: EncodeConfig = EncodeConfig()) -> State:
+def _heavy(job) -> bool:
+    name, _, raw, _, _ = job
+    return not codecs.uses_layout(name) and len(raw) >= HEAVY_BYTES
+
+
+def _run_jobs(jobs: list, owner: list, workers: int) -> dict:
+    """{plan index: (stored size, option index, stored bytes)}: each section's smallest output, ties to the earlier
+    option, whatever order the jobs finish in. The sections with a heavy job have all their jobs run one after
+    another on one worker, heavy ones first (so no other output of the section is held while they run); the other
+    sections' jobs run beside them."""
+    best, lock = {}, threading.Lock()
+
+    def run(i):
+        out = _encode_one(jobs[i])
+        plan, option = owner[i]
+        with lock:
+            if plan not in best or (len(out), option) < best[plan][:2]:
+                best[plan] = (len(out), option, out)
+        del out
+        memory.trim()  # what the job freed goes back before the next one allocates its own
+
+    heavy_plans = {owner[i][0] for i, job in enumerate(jobs) if _heavy(job)}
+    serial = sorted((i for i in range(len(jobs)) if owner[i][0] in heavy_plans),
+                    key=lambda i: (owner[i][0], not _heavy(jobs[i]), i))
+    beside = [i for i in range(len(jobs)) if owner[i][0] not in heavy_plans]
+    if workers <= 1:
+        for i in serial + beside:
+            run(i)
+        return best
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # codecs release the GIL
+        futures = [pool.submit(lambda: [run(i) for i in serial])] if serial else []
+        futures += [pool.submit(run, i) for i in beside]
+        for f in futures:
+            f.result()
+    return best
+
+
+def _plans(state: State, config: EncodeConfig) -> tuple[list, list, list]:
+    """(plans: (section name, raw size, members, options), jobs, owner: (plan, option) of each job)."""
     groups = {}  # (section name, codec) -> [width, [(tensor, kind, bytes)]]
     for e in state.stored_entries():
         for kind, data in e.parts:
@@ -68,26 +121,35 @@ def run(state: State, config: EncodeConfig = EncodeConfig()) -> State:
     names_used = {}
     for name, codec in groups:
         names_used[name] = names_used.get(name, 0) + 1
-
-    jobs, plans = [], []
+    jobs, owner, plans = [], [], []
     for (name, codec), (width, members) in groups.items():
-        raw = b"".join(m[2] for m in members)
+        raw = joined([m[2] for m in members])
         layout = [m[3] for m in members]
         options = _candidates(codec, width, config)
-        plans.append((name if names_used[name] == 1 else f"{name}@{codec}", raw, members, options, len(jobs)))
+        plans.append((name if names_used[name] == 1 else f"{name}@{codec}", len(raw),
+                      [(tensor, kind, len(data)) for tensor, kind, data, _ in members], options))
+        owner.extend((len(plans) - 1, i) for i in range(len(options)))
         jobs.extend((c, w, raw, layout, config) for c, w in options)
-    with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:  # codecs release the GIL
-        results = list(pool.map(_encode_one, jobs))
+    return plans, jobs, owner
 
+
+def run(state: State, config: EncodeConfig = EncodeConfig()) -> State:
+    plans, jobs, owner = _plans(state, config)
+    memory.trim()  # the earlier passes' freed temporaries, before the codecs' working memory comes on top
+    best = _run_jobs(jobs, owner, max(1, config.workers))
+    del jobs
     sections = []
-    for name, raw, members, options, first in plans:
-        # smallest stored size; ties go to the earlier candidate, so the choice is deterministic
-        best = min(range(len(options)), key=lambda i: (len(results[first + i]), i))
-        codec, width = options[best]
+    for k, (name, raw_size, members, options) in enumerate(plans):
+        _, chosen, stored = best.pop(k)
+        codec, width = options[chosen]
         offset, layout = 0, []
-        for tensor, kind, data, _ in members:
-            layout.append((tensor, kind, offset, len(data)))
-            offset += len(data)
-        sections.append(Section(name=name, codec=codec, shuffle=width, raw_size=len(raw),
-                                stored=results[first + best], members=tuple(layout)))
-    return dataclasses.replace(state, sections=tuple(sections))
+        for tensor, kind, n in members:
+            layout.append((tensor, kind, offset, n))
+            offset += n
+        sections.append(Section(name=name, codec=codec, shuffle=width, raw_size=raw_size,
+                                stored=stored, members=tuple(layout)))
+    # The parts are now the sections (members say where each one went): the state that goes on to the end of the
+    # compile keeps no second copy of every code.
+    entries = tuple(dataclasses.replace(e, parts=()) if e.parts else e for e in state.entries)
+    memory.trim()
+    return dataclasses.replace(state, entries=entries, sections=tuple(sections))
