@@ -219,7 +219,8 @@ def attempt(budget: BudgetState, pool: float, recipe: Recipe, predict: bool, log
 def _coders(recipe: Recipe, planned: State) -> set:
     """The codecs the planned sections may end up with."""
     codecs = {e.plan.codec for e in planned.stored_entries() if e.plan is not None}
-    return (codecs - {"auto"}) | (set(recipe.encode.candidates) if "auto" in codecs else set())
+    enc = recipe.encode
+    return (codecs - {"auto"}) | (set(enc.candidates) | set(enc.codes_candidates or ()) if "auto" in codecs else set())
 
 
 def _rans_only(recipe: Recipe, planned: State) -> Recipe | None:
@@ -228,7 +229,8 @@ def _rans_only(recipe: Recipe, planned: State) -> Recipe | None:
     coders = _coders(recipe, planned)
     if "rans" not in coders or coders == {"rans"}:
         return None
-    return dataclasses.replace(recipe, encode=dataclasses.replace(recipe.encode, candidates=("rans",)))
+    return dataclasses.replace(recipe, encode=dataclasses.replace(recipe.encode, candidates=("rans",),
+                                                                  codes_candidates=None))
 
 
 def budget_names(state_dict: dict, recipe: Recipe) -> list:

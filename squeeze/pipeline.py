@@ -25,7 +25,8 @@ def passes_for(recipe: Recipe, device: str = "cpu", until: str | None = None) ->
         ("lowrank", lowrank.run, lowrank.LowRankConfig()),
         ("pack", pack.run, None),
         ("encode", encode.run, encode.EncodeConfig(group_by=enc.group_by, candidates=enc.candidates,
-                                                   shuffle=enc.shuffle, params=enc.params)),
+                                                   codes_candidates=enc.codes_candidates, shuffle=enc.shuffle,
+                                                   params=enc.params)),
     ]
     if until is not None:
         names = [name for name, _, _ in passes]

@@ -79,6 +79,10 @@ class KeepFloat:
 class EncodeSettings:
     group_by: str = "role"         # role | tensor | all: which tensors share a compressed section
     candidates: tuple = ("zlib", "zstd", "brotli", "lzma", "rans")
+    # codecs tried on the sections of quantized codes; None: `candidates`. rans alone there skips the byte
+    # compressors' slowest work (brotli-11 on the codes is 24 of a 17M-param budget compile's 99 s), where they
+    # rarely win: rans models each row's or column's code statistics, which an LZ + order-2 coder sees only as bytes
+    codes_candidates: tuple | None = None
     shuffle: str = "auto"          # auto | off: try byte-shuffling sections of 2+-byte elements
     params: EncodeParams = EncodeParams()
 
@@ -133,8 +137,9 @@ class Recipe:
     rules: tuple = (Rule(match=("*",), role=("embedding",),
                          overrides=(("bits", 8), ("clip", "std"), ("clip_std_k", 20.0 / 2)), line=0),)
     # brotli and rans only: each extra codec in an artifact adds its lines to the user's decoder (lzma's ~70 bytes
-    # bought ~30 on the fixture's scales)
-    encode: EncodeSettings = EncodeSettings(candidates=("brotli", "rans"))
+    # bought ~30 on the fixture's scales); rans alone on the codes, where it beat brotli on every section measured
+    # (fixture: 1-4% smaller; BENCHMARKS.md, "Compile speed"), at a fraction of its time
+    encode: EncodeSettings = EncodeSettings(candidates=("brotli", "rans"), codes_candidates=("rans",))
     gptq: GPTQSettings = GPTQSettings()
     budget: BudgetSettings = BudgetSettings()
     roles: tuple = ()              # ((role, patterns), ...) from [roles]: names whose role the name rules miss
@@ -255,6 +260,8 @@ _ENCODE = {                                                            # EncodeS
     "group_by": _field(str, ("role", "tensor", "all")),                # shorthand for [defaults] codec
     "candidates": _field(list, _each(codecs.NAMES.__contains__, non_empty=True),
                          f"expected a list of {', '.join(codecs.NAMES)}"),
+    "codes_candidates": _field(list, _each(codecs.NAMES.__contains__, non_empty=True),
+                               f"expected a list of {', '.join(codecs.NAMES)}"),
     "shuffle": _field(str, ("auto", "off")),
     "codec": _CODEC,
     "zlib_level": _int_in(0, 9), "zstd_level": _int_in(1, 22), "brotli_quality": _int_in(0, 11),

@@ -8,7 +8,7 @@ import squeeze
 from squeeze import compiler, pipeline, quant
 from squeeze.codecs import EncodeParams
 from squeeze.passes import classify, encode, pack, plan, quantize, tie
-from squeeze.recipe import parse
+from squeeze.recipe import Recipe, parse
 from squeeze.state import State
 
 from conftest import RECIPES, bitwise_equal
@@ -105,6 +105,26 @@ def test_encode_auto_keeps_the_smallest_candidate(fixture_small):
         single = encode.run(state, encode.EncodeConfig(candidates=(name,), params=fast, shuffle="off"))
         for a, s in zip(auto.sections, single.sections):
             assert a.name == s.name and len(a.stored) <= len(s.stored)
+
+
+def test_encode_codes_candidates_apply_to_codes_sections_only(fixture_sd):
+    """[encode] codes_candidates: the codecs tried on sections of quantized codes; the other sections keep
+    `candidates`. On the trained fixture rans beats brotli on every codes section (here at brotli quality 5, for
+    time; at 11 by 1-4%, BENCHMARKS.md), so rans alone on codes writes the bytes trying both would."""
+    recipe = Recipe()
+    assert recipe.encode.codes_candidates == ("rans",)
+    state = run_until(fixture_sd, "pack", recipe)
+    fast = EncodeParams(brotli_quality=5)
+    split = encode.run(state, encode.EncodeConfig(candidates=("brotli",), codes_candidates=("rans",), params=fast))
+    kinds = {s.name: {m[1] for m in s.members} for s in split.sections}
+    assert {"embedding.codes", "mlp.codes"} <= set(kinds)
+    for s in split.sections:
+        assert s.codec == ("rans" if kinds[s.name] == {"codes"} else "brotli"), s.name
+    both = encode.run(state, encode.EncodeConfig(candidates=("brotli", "rans"), params=fast))
+    rans_only = encode.run(state, encode.EncodeConfig(candidates=("brotli", "rans"), codes_candidates=("rans",),
+                                                      params=fast))
+    assert [(s.name, s.codec, s.stored) for s in rans_only.sections] == \
+        [(s.name, s.codec, s.stored) for s in both.sections]
 
 
 @pytest.mark.slow

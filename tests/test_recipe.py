@@ -64,6 +64,9 @@ def test_rules_first_match_wins_and_explicit_scheme_beats_small_routing():
     ("[defaults]\nbits = '6'\n", r"t.toml:2: bits = '6': expected an integer"),
     ("[encode]\ncodec = 'gzip'\n", r"t.toml:2: codec = 'gzip'"),
     ("[encode]\nbrotli_quality = 12\n", r"t.toml:2: brotli_quality = 12: expected an integer in 0..11"),
+    ("[encode]\ncodes_candidates = ['rans', 'gzip']\n", r"t.toml:2: codes_candidates = \['rans', 'gzip'\]: expected a "
+     r"list of raw, "),
+    ("[encode]\ncodes_candidates = []\n", r"t.toml:2: codes_candidates = \[\]: expected a list of raw, "),
     ("[keep_float]\nmax_numel = -1\n", r"t.toml:2: max_numel = -1"),
     ("[[rules]]\nmatch = '*'\n[[rules]]\nmatch = 'a'\nbitz = 4\n", r"t.toml:5: unknown key 'bitz' in \[rules\]"),
     ("[[rules]]\nbits = 4\n", r"t.toml:1: rule 1 has no 'match' key"),
@@ -74,6 +77,12 @@ def test_rules_first_match_wins_and_explicit_scheme_beats_small_routing():
 def test_bad_recipes_fail_loudly(text, message):
     with pytest.raises(RecipeError, match=message):
         parse(text, "t.toml")
+
+
+def test_codes_candidates():
+    assert parse("[encode]\ncandidates = ['brotli']\n", "t.toml").encode.codes_candidates is None  # as candidates
+    enc = parse("[encode]\ncandidates = ['brotli', 'rans']\ncodes_candidates = ['rans']\n", "t.toml").encode
+    assert (enc.candidates, enc.codes_candidates) == (("brotli", "rans"), ("rans",))
 
 
 def test_missing_recipe_file(tmp_path):

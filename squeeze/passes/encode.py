@@ -28,9 +28,14 @@ from ..state import Section, State
 class EncodeConfig:
     group_by: str = "role"                        # role | tensor | all
     candidates: tuple = ("zlib", "zstd", "brotli", "lzma", "rans")
+    codes_candidates: tuple | None = None         # on sections of codes; None: `candidates` (recipe.EncodeSettings)
     shuffle: str = "auto"                         # auto | off
     params: EncodeParams = EncodeParams()
     workers: int = 2
+
+    def candidates_for(self, kind: str) -> tuple:
+        """The codecs "auto" tries on a section of parts of this kind (codes, scales, lowrank, data)."""
+        return self.codes_candidates if kind == "codes" and self.codes_candidates is not None else self.candidates
 
 
 HEAVY_BYTES = 8 << 20  # byte-compressor jobs on sections at least this large run one at a time
@@ -54,8 +59,8 @@ def _group_key(e, kind: str, group_by: str) -> tuple[str, int]:
     return base, width
 
 
-def _candidates(codec: str, width: int, config: EncodeConfig) -> list[tuple[str, int]]:
-    names = list(config.candidates) + ["raw"] if codec == "auto" else [codec]
+def _candidates(codec: str, width: int, kind: str, config: EncodeConfig) -> list[tuple[str, int]]:
+    names = list(config.candidates_for(kind)) + ["raw"] if codec == "auto" else [codec]
     widths = [1, width] if (width > 1 and config.shuffle == "auto") else [1]
     return [(n, w) for n in dict.fromkeys(names) for w in widths if w == 1 or not codecs.uses_layout(n)]
 
@@ -125,7 +130,7 @@ def _plans(state: State, config: EncodeConfig) -> tuple[list, list, list]:
     for (name, codec), (width, members) in groups.items():
         raw = joined([m[2] for m in members])
         layout = [m[3] for m in members]
-        options = _candidates(codec, width, config)
+        options = _candidates(codec, width, members[0][1], config)  # a section holds parts of one kind
         plans.append((name if names_used[name] == 1 else f"{name}@{codec}", len(raw),
                       [(tensor, kind, len(data)) for tensor, kind, data, _ in members], options))
         owner.extend((len(plans) - 1, i) for i in range(len(options)))
