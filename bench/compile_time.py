@@ -35,9 +35,9 @@ SHAPES = {"baseline": {"layers": 9, "dim": 512, "vocab": 1024, "heads": 8, "kv_h
           "record": {"layers": 11, "dim": 512, "vocab": 8192, "heads": 8, "kv_heads": 4, "mlp_mult": 4}}
 DEFAULT_CALIB = Path(tempfile.gettempdir()) / "squeeze-fixture-cache/train/train_000000.bin"
 GPTQ_RECIPE = ('[defaults]\nbits = 6\nclip = "std"\nclip_std_k = 12.85\nmethod = "gptq"\n'
-               '[encode]\ncodec = "auto"\ncandidates = ["brotli", "rans"]\n')
+               '[encode]\ncodec = "auto"\ncandidates = ["brotli", "rans"]\ncodes_candidates = ["rans"]\n')
 BUDGET_RECIPE = ('[defaults]\nbits = 6\nclip = "std"\nclip_std_k = 8.0\n'
-                 '[encode]\ncodec = "auto"\ncandidates = ["brotli", "rans"]\n')
+                 '[encode]\ncodec = "auto"\ncandidates = ["brotli", "rans"]\ncodes_candidates = ["rans"]\n')
 
 
 def main():

@@ -16,18 +16,23 @@ every hull is most of a budget compile's time, and a budget only ever lands near
 chosen grid and its hull neighbours are GPTQ-priced: the choice the all-GPTQ pricing would make there, for about a
 quarter of its GPTQ runs.
 
-The rounds approach the target from below until within 0.1% (TOLERANCE), bisecting between a pool that fitted and
-one that overshot. When the recipe's candidate coders include rans, they code with rans alone: its sizes are exact
-and it is fast, and the final compile, which picks the smallest candidate per section, can only be smaller. Only
-the fitting allocation pays for the full coder (brotli-11); what that saved is spent once more (rans rounds aiming
-at the target scaled by what the full coder kept of rans's bytes, then the full coder again, kept only if it fits).
+The rounds approach the target from below until within 0.1% (TOLERANCE), aiming at the middle of that band and
+bisecting between a pool that fitted and one that overshot. Each round writes the real artifact, with two savings:
+the sections of codes, where nearly all the bytes are and which every round changes, are coded with rans alone when
+rans is among their candidates (its sizes are exact and it is fast, and the final compile, which picks the
+smallest candidate per section, can only be smaller); and the byte compressors' outputs are memoised by the
+section's bytes (EncodeConfig.memo), so scale and float sections that come back unchanged are coded once. When the
+recipe's codes candidates include more than rans (the built-in default has rans alone there, so its rounds are its
+final compile), only the fitting allocation pays for them (brotli-11), and what they saved is spent once more (rans
+rounds aiming at the target scaled by what the full coder kept of rans's bytes, then the full coder again, kept
+only if it fits).
 The result is never over the budget; SqueezeError when even the narrowest grids do not fit.
 """
 import dataclasses
 
 from . import compiler, parallel, pipeline
 from .errors import SqueezeError
-from .passes import allocate, gptq
+from .passes import allocate, encode, gptq
 from .recipe import Recipe
 from .state import State
 
@@ -41,6 +46,8 @@ class BudgetState:
     screened: dict          # tensor name -> its hull (allocate.Option, cheapest first) as priced so far
     refined: dict           # tensor name -> {grid: Option priced on GPTQ's codes}, for tensors GPTQ will refine
     gptq_memo: dict = dataclasses.field(default_factory=dict)  # gptq.memo_key -> (codes, method, note)
+    loss_memo: dict = dataclasses.field(default_factory=dict)  # allocate.predicted_loss's, across rounds
+    encode_memo: dict = dataclasses.field(default_factory=dict)  # byte compressors' outputs (EncodeConfig.memo)
 
     def options(self) -> dict:
         """Each tensor's hull: its screened candidates, those GPTQ has re-priced replaced by their GPTQ prices."""
@@ -63,7 +70,7 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
         planned = fn(planned, config)
     budget = price(planned, allocate_config or allocate.AllocateConfig.from_recipe(recipe),
                    budget_bytes - code_bytes)
-    fast = _rans_only(recipe, planned)
+    fast = _rounds_recipe(recipe, planned)
 
     def report(line: str):
         if progress is not None:
@@ -78,7 +85,7 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
         raise SqueezeError(f"budget {budget_bytes:,} bytes is too small: the smallest artifact this recipe "
                            f"allows is {len(blob):,} bytes (+{code_bytes:,} of code)")
     rounds = Rounds(budget, fast or recipe, log, code_bytes, budget_bytes, report, max_rounds - 1,
-                    estimate=fast is not None, quick="rans" in _coders(recipe, planned))
+                    estimate=fast is not None, quick="rans" in _coders(recipe, planned, codes_only=True))
     fitted = rounds.fit(budget.target - (len(blob) - spent), budget.target)
     if fitted is None:
         raise SqueezeError(f"budget {budget_bytes:,}: no allocation fitted after {max_rounds} rounds")
@@ -120,6 +127,8 @@ class Rounds:
         below until within the tolerance or out of rounds (each is a full compile; with rans alone, seconds); None
         when none fitted."""
         best, over = None, None  # the largest fitting (state, blob, pool); the smallest pool that overshot
+        margin = self.tolerance * target / 2  # aim at the middle of the band that ends the rounds, not its edge
+        pool -= margin
         while self.left > 0:
             self.left -= 1
             state, blob, _ = attempt(self.budget, pool, self.recipe, predict=True, log=self.log)
@@ -131,10 +140,10 @@ class Rounds:
                     best = (state, blob, pool)
                 if target - len(blob) <= self.tolerance * target:
                     break
-                pool += target - len(blob)
+                pool += target - len(blob) - margin
             else:
                 over = pool if over is None else min(over, pool)
-                pool -= (len(blob) - target) + target * 0.0005
+                pool -= (len(blob) - target) + margin
             if best is not None and over is not None and not best[2] < pool < over:
                 pool = (best[2] + over) / 2  # the pool lies between one that fits and one that overshot
         return best
@@ -209,28 +218,33 @@ def attempt(budget: BudgetState, pool: float, recipe: Recipe, predict: bool, log
         chosen = choose(budget, pool)
     gptq_config = gptq.GPTQConfig.from_recipe(recipe, budget.planned.device)
     configs = {"allocate": allocate.Allocation(chosen, round_to_nearest=trial),
-               "gptq": dataclasses.replace(gptq_config, memo=budget.gptq_memo)}
+               "gptq": dataclasses.replace(gptq_config, memo=budget.gptq_memo),
+               "encode": dataclasses.replace(encode.EncodeConfig.from_recipe(recipe), memo=budget.encode_memo)}
     state = pipeline.run(dataclasses.replace(budget.planned, recipe=recipe), log=log, after="plan", configs=configs)
     if predict:  # the prediction is header meta, so it is in the bytes the budget counts
-        state = dataclasses.replace(state, predicted_loss=allocate.predicted_loss(state))
+        state = dataclasses.replace(state, predicted_loss=allocate.predicted_loss(state, budget.loss_memo))
     return state, compiler.write(state), sum(o.bytes for o in chosen.values())
 
 
-def _coders(recipe: Recipe, planned: State) -> set:
-    """The codecs the planned sections may end up with."""
-    codecs = {e.plan.codec for e in planned.stored_entries() if e.plan is not None}
-    enc = recipe.encode
-    return (codecs - {"auto"}) | (set(enc.candidates) | set(enc.codes_candidates or ()) if "auto" in codecs else set())
+def _coders(recipe: Recipe, planned: State, codes_only: bool = False) -> set:
+    """The codecs the planned sections (or only those of quantized codes) may end up with."""
+    plans = [e.plan for e in planned.stored_entries() if e.plan is not None and (e.plan.scheme == "int" or
+                                                                                 not codes_only)]
+    codecs, enc = {p.codec for p in plans}, recipe.encode
+    auto = set(enc.codes_candidates or enc.candidates) if codes_only else \
+        set(enc.candidates) | set(enc.codes_candidates or ())
+    return (codecs - {"auto"}) | (auto if "auto" in codecs else set())
 
 
-def _rans_only(recipe: Recipe, planned: State) -> Recipe | None:
-    """The recipe with rans as the only candidate coder, when rans is one of several coders the sections may use
-    (else None: the rounds' coder is the final one already)."""
-    coders = _coders(recipe, planned)
+def _rounds_recipe(recipe: Recipe, planned: State) -> Recipe | None:
+    """The recipe the rounds code with: rans alone on the sections of codes (nearly all the bytes, and where the
+    budget's choices change them every round), when rans is one of several coders those may use; the scale and
+    float sections as the recipe says (mostly unchanged from round to round, so the encode memo codes them once).
+    None when that is the recipe itself: the rounds' coder is the final one."""
+    coders = _coders(recipe, planned, codes_only=True)
     if "rans" not in coders or coders == {"rans"}:
         return None
-    return dataclasses.replace(recipe, encode=dataclasses.replace(recipe.encode, candidates=("rans",),
-                                                                  codes_candidates=None))
+    return dataclasses.replace(recipe, encode=dataclasses.replace(recipe.encode, codes_candidates=("rans",)))
 
 
 def budget_names(state_dict: dict, recipe: Recipe) -> list:

@@ -78,7 +78,7 @@ def checkpoint_parameters(model: nn.Module, names=None) -> dict:
 
 
 class GramSums:
-    """Running Σ x xᵀ (float64, on the rows' device) and row counts per key, plus what could not be attributed;
+    """Running Σ x xᵀ (summed in float64, on the rows' device) and row counts per key, plus what could not be attributed;
     `all_reduce` sums them over the processes of a torch.distributed group, so each rank calibrates its own
     batches and all end with the Hessians of every rank's tokens."""
 
@@ -92,7 +92,7 @@ class GramSums:
         self.counts[key] = self.counts.get(key, 0) + x.shape[0]
 
     def _gram(self, x: torch.Tensor) -> torch.Tensor:
-        """xᵀx in float64, reused when the rows are the very ones of the last call (same memory, shape, strides
+        """xᵀx as float64, reused when the rows are the very ones of the last call (same memory, shape, strides
         and version; the reference held to them keeps their memory from being reused meanwhile)."""
         last = self._last
         if last is not None:
@@ -100,8 +100,12 @@ class GramSums:
             if (y.data_ptr() == x.data_ptr() and y.shape == x.shape and y.stride() == x.stride()
                     and y.dtype == x.dtype and y.device == x.device and y._version == x._version):
                 return last[1]
-        x64 = x.double()
-        gram = x64.T @ x64
+        # One batch's Gram in float32 (half the time of float64 on a CPU, and a GPU's fast path), summed over
+        # batches in float64: a batch's rows add up to ~1e-6 relative error at most, far inside GPTQ's 1% damping.
+        # Never under the caller's autocast, which would make it a bf16 product (not even positive definite).
+        x32 = x if x.dtype == torch.float64 else x.float()
+        with torch.autocast(x.device.type, enabled=False):
+            gram = (x32.T @ x32).double()
         self._last = (x, gram)
         return gram
 

@@ -12,7 +12,6 @@ def passes_for(recipe: Recipe, device: str = "cpu", until: str | None = None) ->
     """(name, run, config) for each pass, configs derived from the recipe; `device` is where GPTQ computes; `until`:
     stop after the pass of that name (the budget loop runs the passes up to "plan" once). The allocate pass has no
     config here: only the budget loop (squeeze/budget.py) gives it one, an allocation."""
-    enc = recipe.encode
     passes = [
         ("tie", tie.run, tie.TieConfig()),
         ("classify", classify.run, classify.ClassifyConfig(control_patterns=recipe.keep_float.control_patterns,
@@ -24,9 +23,7 @@ def passes_for(recipe: Recipe, device: str = "cpu", until: str | None = None) ->
         ("gptq", gptq.run, gptq.GPTQConfig.from_recipe(recipe, device)),
         ("lowrank", lowrank.run, lowrank.LowRankConfig()),
         ("pack", pack.run, None),
-        ("encode", encode.run, encode.EncodeConfig(group_by=enc.group_by, candidates=enc.candidates,
-                                                   codes_candidates=enc.codes_candidates, shuffle=enc.shuffle,
-                                                   params=enc.params)),
+        ("encode", encode.run, encode.EncodeConfig.from_recipe(recipe)),
     ]
     if until is not None:
         names = [name for name, _, _ in passes]

@@ -44,6 +44,12 @@ def _gram(rows: torch.Tensor) -> torch.Tensor:
     return rows.T @ rows / rows.shape[0]
 
 
+def _close_to(h: torch.Tensor, gram: torch.Tensor) -> bool:
+    """Equal to float32 rounding: calibration makes each batch's Gram in float32 (squeeze/calibrate.py), so every
+    entry is within ~1e-6 of the largest diagonal entry of the exact one."""
+    return float((h - gram).abs().max()) <= 1e-5 * float(gram.diagonal().abs().max())
+
+
 @torch.no_grad()
 def _linear_inputs(model: nn.Module) -> dict:
     """{weight name: Gram of every input row}, from forward hooks on nn.Linear: the old, narrower calibration."""
@@ -64,7 +70,7 @@ def test_every_linear_hessian_equals_its_inputs_gram(baseline, baseline_calibrat
     h = baseline_calibration.hessians
     assert set(expected) < set(h)
     for name, gram in expected.items():
-        assert torch.allclose(h[name], gram, rtol=1e-9, atol=1e-12), name
+        assert _close_to(h[name], gram), name
 
 
 @torch.no_grad()
@@ -82,7 +88,7 @@ def test_tied_head_gets_the_final_norm_gram(baseline, baseline_calibration):
         x = block(x, x0)
     finals.append(rms_norm(x))
     h = baseline_calibration.hessians["tok_emb.weight"]
-    assert torch.allclose(h, _gram(finals[0]), rtol=1e-7, atol=1e-10)
+    assert _close_to(h, _gram(finals[0]))
     assert baseline_calibration.skipped == {}
 
 
@@ -133,7 +139,7 @@ def test_a_looped_layer_sums_over_its_passes(banked_sd):
     model.blocks[0].forward = spy
     cal = calibrate.calibrate(model, TOKENS[:2], forward=model.forward_logits, names=list(banked_sd))
     assert len(rows) == 3
-    assert torch.allclose(cal.hessians["qo_bank[0]"], _gram(torch.cat(rows)), rtol=1e-7, atol=1e-10)
+    assert _close_to(cal.hessians["qo_bank[0]"], _gram(torch.cat(rows)))
 
 
 class _Products(nn.Module):
@@ -162,9 +168,8 @@ def test_products_of_every_form_and_the_reasons_for_the_rest(fixture_sd, baselin
     hessians, skipped = calibrate.collect_hessians(m, [x])
     h1 = x @ m.w.T
     h2 = F.linear(h1.bfloat16(), m.w.to(torch.bfloat16)).float()
-    assert torch.allclose(hessians["w"], _gram(torch.cat([x.reshape(-1, 256), h1.bfloat16().float().reshape(-1, 256)])),
-                          rtol=1e-6)
-    assert torch.allclose(hessians["u"], _gram(h2), rtol=1e-9)
+    assert _close_to(hessians["w"], _gram(torch.cat([x.reshape(-1, 256), h1.bfloat16().float().reshape(-1, 256)])))
+    assert _close_to(hessians["u"], _gram(h2))
     assert sorted(hessians) == ["u", "w"]
     assert "rows, not its columns" in skipped["t"]
     assert "einsum" in skipped["e"]
@@ -259,8 +264,8 @@ def test_a_layer_output_loss_has_the_calibration_hessian_as_sensitivity(baseline
     got = calibrate.probe(params, [name], loss)[name]
     assert torch.equal(params[name], w0)  # the probe is undone
     h, z = baseline_calibration.hessians[name], _probe_draws(params, [name])[name]
-    assert torch.allclose(_gram(x), h, rtol=1e-9)
-    assert got == pytest.approx(0.5 * float(((z @ h) * z).sum()), rel=1e-9)
+    assert _close_to(h, _gram(x))
+    assert got == pytest.approx(0.5 * float(((z @ h) * z).sum()), rel=1e-5)  # h: float32 Grams (_close_to)
     rows_, trace = z.shape[0], float(h.trace())
     spread = (2 * float((h @ h).trace()) / rows_) ** 0.5 / trace
     assert abs(got / (0.5 * rows_ * trace) - 1) < 4 * spread

@@ -96,7 +96,8 @@ class Allocation:
 def coded_bytes(codes: torch.Tensor, scales: torch.Tensor) -> float:
     """What a grid's codes and scales cost: the codes' order-0 entropy (rans codes them within 0.5% of it) plus the
     scales as stored."""
-    counts = np.bincount(codes.numpy().ravel().astype(np.int64) + 128, minlength=256)
+    # the codes' bytes as uint8 (-1 counts as 255): a permutation of the symbols, which the entropy does not see
+    counts = torch.bincount(codes.reshape(-1).view(torch.uint8), minlength=256).numpy()
     return rans.entropy_bits(counts) / 8 + scales.numel() * scales.element_size()
 
 
@@ -110,6 +111,7 @@ class Pricing:
         self.max_mse = (PROBE_NOISE ** 2) * float(self.w2.double().var())  # past the probe, sensitivity·mse guesses
         self.s = lowrank.column_scale(hessian, self.cols)  # sqrt(diag H): the diagonal form's column weights
         self.diagonal_norm = self.rows * float(self.s.square().sum())
+        self.s2 = self.s.square().float()  # the column weights of squared errors, for float32 products
         self.errors = {}  # (bits, clip_k, group) -> error of the grid as priced, for low-rank candidates only
         self.stds = {}    # group -> quant.group_std: the same for every width and clip k
 
@@ -122,24 +124,28 @@ class Pricing:
             self.stds[spec.group] = quant.group_std(self.w2, spec.group)
         return quant.quantize(self.e.tensor, spec, self.e.name, std=self.stds[spec.group])
 
-    def screening_loss(self, error: torch.Tensor) -> float:
-        """The measure's diagonal form, for errors uncorrelated across columns (round-to-nearest, f16)."""
-        return self.sensitivity * float((error.double() * self.s).square().sum()) / self.diagonal_norm
+    def screening_loss(self, error: torch.Tensor, squared: torch.Tensor | None = None) -> float:
+        """The measure's diagonal form, for errors uncorrelated across columns (round-to-nearest, f16). `squared`:
+        error² when already made. Products in float32 (~1e-7 relative each), summed in float64."""
+        squared = error.float().square() if squared is None else squared
+        return self.sensitivity * float((squared * self.s2).sum(dtype=torch.float64)) / self.diagonal_norm
 
-    def output_loss(self, error: torch.Tensor) -> float:
-        """The measure itself (what predicted_loss scores the stored codes with)."""
-        return self.sensitivity * lowrank.output_error(error, self.hessian)
+    def output_loss(self, layer_loss: float) -> float:
+        """The measure itself, from the layer loss tr(E H Eᵀ) of the stored codes (gptq.layer_loss), normalised as
+        lowrank.output_error normalises it (what predicted_loss scores the stored codes with)."""
+        return self.sensitivity * (layer_loss / (self.rows * float(torch.trace(self.hessian.double()))))
 
     def grid(self, bits: int, clip_k: float, group: int) -> Option | None:
         """The grid with round-to-nearest codes; None where its error exceeds what the sensitivity was measured for."""
         spec = self.spec(bits, clip_k, group)
         codes, scales = self.quantized(spec)
         error = self.w2 - quant.dequantize(codes, scales, group, torch.float32, self.w2.shape)
-        if float(error.double().square().mean()) > self.max_mse:
+        squared = error.square()
+        if float(squared.sum(dtype=torch.float64)) / squared.numel() > self.max_mse:
             return None
         if self.keep_errors:
             self.errors[(bits, clip_k, group)] = error
-        return Option(bits, clip_k, coded_bytes(codes, scales), self.screening_loss(error), group=group)
+        return Option(bits, clip_k, coded_bytes(codes, scales), self.screening_loss(error, squared), group=group)
 
     def screened(self, config: AllocateConfig) -> list:
         """The lower hull of the round-to-nearest grids (width × clip) and, on it, per-group scales."""
@@ -166,12 +172,11 @@ class Pricing:
             qmax = torch.cat([torch.full((self.rows,), float(spec.qmax)) for spec in specs])
             stacked = gptq.gptq_codes(self.w2.repeat(len(chunk), 1), torch.cat(steps), qmax, self.hessian, config)
             for o, spec, (codes, scales), step, g in zip(chunk, specs, rtn, steps, stacked.split(self.rows)):
-                result = gptq.refined_codes(self.e.tensor, spec, codes, scales, self.hessian, config, codes=g)
-                results[gptq.memo_key(self.e.name, spec, config)] = result
-                error = self.w2 - result[0].float() * step
+                *result, layer = gptq.refined_with_loss(self.e.tensor, spec, codes, scales, self.hessian, config, g)
+                results[gptq.memo_key(self.e.name, spec, config)] = tuple(result)
                 if self.keep_errors:
-                    self.errors[(o.bits, o.clip_k, o.group)] = error
-                out.append(dataclasses.replace(o, bytes=coded_bytes(result[0], scales), loss=self.output_loss(error)))
+                    self.errors[(o.bits, o.clip_k, o.group)] = self.w2 - result[0].float() * step
+                out.append(dataclasses.replace(o, bytes=coded_bytes(result[0], scales), loss=self.output_loss(layer)))
         return out, results
 
     def with_lowrank(self, o: Option, ranks) -> list:
@@ -290,22 +295,28 @@ def allocate(options: dict, pool_bytes: float) -> dict:
     return {name: options[name][i] for name, i in choice.items()}
 
 
-def predicted_loss(state: State) -> float:
+def predicted_loss(state: State, memo: dict | None = None) -> float:
     """The loss increase the allocated tensors' final codes predict: sensitivity × the output-weighted error
     tr(E H Eᵀ) / (R·tr H) of what is actually stored (GPTQ's codes, low-rank corrections and all), which scores white
     noise at its variance as the sensitivity probe does; the plain mean squared error without a Hessian. The options
     were predicted from round-to-nearest errors, which GPTQ then improves on, so this is the figure to compare with
-    what verify measures."""
-    total = 0.0
+    what verify measures. `memo`: each tensor's loss by how it was stored, for calls on states of one budget compile
+    (the same tensor, Hessian and GPTQ results, so the same storage gives the same codes)."""
+    total, memo = 0.0, {} if memo is None else memo
     for e in state.entries:
         if e.plan is None or not e.plan.reason.startswith("budget") or e.name not in state.sensitivities:
+            continue
+        key = (e.name, e.plan.scheme, e.plan.store, e.plan.quant, e.plan.lowrank_rank, e.method_used)
+        if key in memo:
+            total += memo[key]
             continue
         w = quant.as_matrix(e.tensor)
         if e.plan.scheme == "float":
             w_hat = quant.as_matrix(e.tensor.to(torch_dtype(e.plan.store)))
         else:
             w_hat = quant.dequantize(e.codes, e.scales, e.plan.quant.group, torch.float32, w.shape, e.lowrank)
-        total += state.sensitivities[e.name] * lowrank.output_error(w - w_hat, state.hessian_of(e)[0])
+        memo[key] = state.sensitivities[e.name] * lowrank.output_error(w - w_hat, state.hessian_of(e)[0])
+        total += memo[key]
     return total
 
 

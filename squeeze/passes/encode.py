@@ -12,9 +12,10 @@ beside the other jobs, so that two of them never add up, and before the other ca
 state encode returns has its sections and no parts (pack's buffers are let go with the state pack returned).
 """
 import dataclasses
+import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import codecs, memory
 from ..codecs import EncodeParams
@@ -32,6 +33,17 @@ class EncodeConfig:
     shuffle: str = "auto"                         # auto | off
     params: EncodeParams = EncodeParams()
     workers: int = 2
+    # (section bytes' digest, codec, shuffle width) -> output of a byte compressor already run on those very bytes:
+    # a budget compile (squeeze/budget.py) shares one across its rounds, where most scale and float sections come
+    # back unchanged. Not part of the config's identity (compare=False): it only saves work.
+    memo: dict | None = field(default=None, compare=False, repr=False)
+
+    @staticmethod
+    def from_recipe(recipe) -> "EncodeConfig":
+        """The recipe's [encode] table."""
+        enc = recipe.encode
+        return EncodeConfig(group_by=enc.group_by, candidates=enc.candidates, codes_candidates=enc.codes_candidates,
+                            shuffle=enc.shuffle, params=enc.params)
 
     def candidates_for(self, kind: str) -> tuple:
         """The codecs "auto" tries on a section of parts of this kind (codes, scales, lowrank, data)."""
@@ -84,6 +96,15 @@ def _heavy(job) -> bool:
     return not codecs.uses_layout(name) and len(raw) >= HEAVY_BYTES
 
 
+def _memo_key(job) -> tuple | None:
+    """Where a job's output is kept in EncodeConfig.memo: byte compressors only (their outputs are what is slow
+    to make; rans codes a section in about the time hashing and keeping it would cost in memory)."""
+    name, width, raw, _, config = job
+    if config.memo is None or codecs.uses_layout(name) or name == "raw":
+        return None
+    return hashlib.blake2b(raw, digest_size=20).digest(), len(raw), name, width, config.params
+
+
 def _run_jobs(jobs: list, owner: list, workers: int) -> dict:
     """{plan index: (stored size, option index, stored bytes)}: each section's smallest output, ties to the earlier
     option, whatever order the jobs finish in. The sections with a heavy job have all their jobs run one after
@@ -92,7 +113,12 @@ def _run_jobs(jobs: list, owner: list, workers: int) -> dict:
     best, lock = {}, threading.Lock()
 
     def run(i):
-        out = _encode_one(jobs[i])
+        key = _memo_key(jobs[i])
+        out = jobs[i][4].memo.get(key) if key is not None else None
+        if out is None:
+            out = _encode_one(jobs[i])
+            if key is not None:
+                jobs[i][4].memo[key] = out
         plan, option = owner[i]
         with lock:
             if plan not in best or (len(out), option) < best[plan][:2]:
