@@ -233,12 +233,13 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        uniform = [r for r in rows if r["label"].startswith("uniform")]
+        uniform = [r for r in rows if r["label"].startswith("uniform RTN")]
         curves = (("squeeze --budget", "o-", curve), ("uniform RTN", "s--", uniform),
+                  ("uniform GPTQ int-N, k tuned", "x--", uniform_gptq),
                   ("record-style", "^:", [r for r in rows if r["label"].startswith("record-style k")]),
                   ("record-style, embedding clip searched", "v", [r for r in rows if "searched (k=" in r["label"]]),
                   ("record 04-27 export / k searched (± LQER)", "D", anchors))
-        for label, style, chosen in curves:
+        for label, style, chosen in ((label, style, chosen) for label, style, chosen in curves if chosen):
             # a log axis: drifts at or below 1e-4 (even slightly negative: noise) are drawn at 1e-4
             pts = sorted((r["bpp"], max(r["drift"], 1e-4)) for r in chosen)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)

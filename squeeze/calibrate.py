@@ -78,9 +78,9 @@ def checkpoint_parameters(model: nn.Module, names=None) -> dict:
 
 
 class GramSums:
-    """Running Σ x xᵀ (summed in float64, on the rows' device) and row counts per key, plus what could not be attributed;
-    `all_reduce` sums them over the processes of a torch.distributed group, so each rank calibrates its own
-    batches and all end with the Hessians of every rank's tokens."""
+    """Running Σ x xᵀ (summed in float64, on the rows' device) and row counts per key, plus what could not be
+    attributed; `all_reduce` sums them over the processes of a torch.distributed group, so each rank calibrates its
+    own batches and all end with the Hessians of every rank's tokens."""
 
     def __init__(self):
         self.sums, self.counts, self.skipped = {}, {}, {}

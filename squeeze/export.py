@@ -107,7 +107,7 @@ def export(model: nn.Module, batches, path: str | os.PathLike | None = None, *, 
     if budget is not None:
         log = (lambda line: print(f"squeeze: {line}", flush=True)) if progress and rank == 0 else None
         result = compile_to_budget(state_dict, recipe, budget, sensitivities=measured,
-                                            code_bytes=code_bytes, progress=log, **common)
+                                   code_bytes=code_bytes, progress=log, **common)
     else:
         result = compiler.compile_state_dict(state_dict, recipe, **common)
     seconds["compile"] = time.perf_counter() - t0

@@ -127,6 +127,26 @@ def test_encode_codes_candidates_apply_to_codes_sections_only(fixture_sd):
         [(s.name, s.codec, s.stored) for s in both.sections]
 
 
+def test_encode_memo_codes_each_distinct_section_once(fixture_small, monkeypatch):
+    """EncodeConfig.memo (what a budget compile shares across its rounds): a byte compressor runs once per distinct
+    section (rans and raw, cheap, every time), and the sections are the ones coded without it."""
+    state = run_until(fixture_small, "pack", Recipe())
+    config = encode.EncodeConfig(candidates=("brotli", "rans"), params=EncodeParams(brotli_quality=5))
+    plain = encode.run(state, config)
+    calls, real = [], encode._encode_one
+    monkeypatch.setattr(encode, "_encode_one", lambda job: calls.append(job[0]) or real(job))
+    memo = {}
+    first = encode.run(state, dataclasses.replace(config, memo=memo))
+    byte_jobs = [c for c in calls if c not in ("rans", "raw")]
+    calls.clear()
+    second = encode.run(state, dataclasses.replace(config, memo=memo))
+    assert byte_jobs and all(c in ("rans", "raw") for c in calls)  # no brotli output made twice
+    assert len(memo) == len(byte_jobs)
+    for out in (first, second):
+        assert [(s.name, s.codec, s.stored) for s in out.sections] == [(s.name, s.codec, s.stored)
+                                                                         for s in plain.sections]
+
+
 @pytest.mark.slow
 def test_encode_groups_by_role(fixture_sd):
     # the fixture's attention matrices have <= 65,536 elements, so quantize them explicitly

@@ -33,7 +33,7 @@ class EncodeConfig:
     shuffle: str = "auto"                         # auto | off
     params: EncodeParams = EncodeParams()
     workers: int = 2
-    # (section bytes' digest, codec, shuffle width) -> output of a byte compressor already run on those very bytes:
+    # (digest and length of a section's bytes, codec, shuffle width, params) -> a byte compressor's output on them:
     # a budget compile (squeeze/budget.py) shares one across its rounds, where most scale and float sections come
     # back unchanged. Not part of the config's identity (compare=False): it only saves work.
     memo: dict | None = field(default=None, compare=False, repr=False)
