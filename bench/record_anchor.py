@@ -9,7 +9,7 @@
   with one fp16 scale per 64 consecutive elements (max|group|/7.5). squeeze's format has no int2/int4 factors, so
   `lqer` computes them here: the corrected weights go into a float artifact for `verify` to score, and the
   factors' bytes are counted packed (2 and 4 bits per value plus fp16 scales: what they take before compression;
-  the record then brotli-compresses them with the rest, which barely shrinks values this dense).
+  the record then brotli-compresses them with the rest, which this bench does not measure).
 - Compressor: brotli-11 with a 16 MB window on every section (the record's PR #1851 family; the lrzip
   per-group form saves ~1.8% more there, at 75 s of serialize time, and is not re-implemented).
 """
@@ -82,4 +82,4 @@ def exact_artifact(state_dict: dict) -> bytes:
 
 def gptq_names_of(state) -> list:
     """The matrices the gptq pass refined (kept GPTQ's codes) in a compile's final state."""
-    return [e.name for e in state.entries if getattr(e, "method_used", "") == "gptq"]
+    return [e.name for e in state.entries if e.method_used == "gptq"]

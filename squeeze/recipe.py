@@ -138,7 +138,8 @@ class Recipe:
                          overrides=(("bits", 8), ("clip", "std"), ("clip_std_k", 20.0 / 2)), line=0),)
     # brotli and rans only: each extra codec in an artifact adds its lines to the user's decoder (lzma's ~70 bytes
     # bought ~30 on the fixture's scales); rans alone on the codes, where it beat brotli on every section measured
-    # (fixture: 1-4% smaller; BENCHMARKS.md, "Compile speed"), at a fraction of its time
+    # (fixture codes: 0.978x brotli-11 on the embedding, 0.983x on MLP; BENCHMARKS.md, "Entropy coder"), at a
+    # fraction of its time
     encode: EncodeSettings = EncodeSettings(candidates=("brotli", "rans"), codes_candidates=("rans",))
     gptq: GPTQSettings = GPTQSettings()
     budget: BudgetSettings = BudgetSettings()
@@ -256,12 +257,12 @@ _KEEP_FLOAT = {                                                        # KeepFlo
     "control_dtype": _field(*_FLOAT_DTYPE),
     "small_dtype": _field(*_FLOAT_DTYPE),
 }
+_CODEC_LIST = _field(list, _each(codecs.NAMES.__contains__, non_empty=True),
+                     f"expected a list of {', '.join(codecs.NAMES)}")
 _ENCODE = {                                                            # EncodeSettings, EncodeParams, and `codec`:
     "group_by": _field(str, ("role", "tensor", "all")),                # shorthand for [defaults] codec
-    "candidates": _field(list, _each(codecs.NAMES.__contains__, non_empty=True),
-                         f"expected a list of {', '.join(codecs.NAMES)}"),
-    "codes_candidates": _field(list, _each(codecs.NAMES.__contains__, non_empty=True),
-                               f"expected a list of {', '.join(codecs.NAMES)}"),
+    "candidates": _CODEC_LIST,
+    "codes_candidates": _CODEC_LIST,
     "shuffle": _field(str, ("auto", "off")),
     "codec": _CODEC,
     "zlib_level": _int_in(0, 9), "zstd_level": _int_in(1, 22), "brotli_quality": _int_in(0, 11),

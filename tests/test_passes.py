@@ -110,7 +110,7 @@ def test_encode_auto_keeps_the_smallest_candidate(fixture_small):
 def test_encode_codes_candidates_apply_to_codes_sections_only(fixture_sd):
     """[encode] codes_candidates: the codecs tried on sections of quantized codes; the other sections keep
     `candidates`. On the trained fixture rans beats brotli on every codes section (here at brotli quality 5, for
-    time; at 11 by 1-4%, BENCHMARKS.md), so rans alone on codes writes the bytes trying both would."""
+    time; at 11 too, BENCHMARKS.md "Entropy coder"), so rans alone on codes writes the bytes trying both would."""
     recipe = Recipe()
     assert recipe.encode.codes_candidates == ("rans",)
     state = run_until(fixture_sd, "pack", recipe)

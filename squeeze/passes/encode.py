@@ -115,7 +115,8 @@ def _run_jobs(jobs: list, owner: list, workers: int) -> dict:
     def run(i):
         key = _memo_key(jobs[i])
         out = jobs[i][4].memo.get(key) if key is not None else None
-        if out is None:
+        made = out is None
+        if made:
             out = _encode_one(jobs[i])
             if key is not None:
                 jobs[i][4].memo[key] = out
@@ -124,7 +125,8 @@ def _run_jobs(jobs: list, owner: list, workers: int) -> dict:
             if plan not in best or (len(out), option) < best[plan][:2]:
                 best[plan] = (len(out), option, out)
         del out
-        memory.trim()  # what the job freed goes back before the next one allocates its own
+        if made:
+            memory.trim()  # what the job freed goes back before the next one allocates its own
 
     heavy_plans = {owner[i][0] for i, job in enumerate(jobs) if _heavy(job)}
     serial = sorted((i for i in range(len(jobs)) if owner[i][0] in heavy_plans),
