@@ -129,7 +129,7 @@ def sizes(label: str, sd: dict):
         bro = next(x["size"] for x in b_art.sections if x["name"] == s["name"])
         lr = lrzip_bytes(art.section(i))
         print(f"{s['name']:<18} {s['size']:>10,} {h:>16,.0f} {s['size'] / h:>7.4f} {bro:>10,} {s['size'] / bro:>11.4f} "
-              f"{lr if lr is None else f'{lr:,}':>10}")
+              f"{'-' if lr is None else f'{lr:,}':>10}")
 
 
 def synthetic_checkpoint(target_params: int, seed: int = 0) -> dict:

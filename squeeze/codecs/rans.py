@@ -396,6 +396,8 @@ def decode_symbols(states: np.ndarray, words: np.ndarray, ctx, tables: list, pro
     mask = np.uint32((1 << prob_bits) - 1)
     shift = np.uint32(prob_bits)
     x = states.astype(np.uint32).copy()
+    words = words.astype(np.uint32)  # once, not per renormalisation
+    low_bits = np.empty(lanes, dtype=np.uint32)  # scratch: the in-place forms below allocate nothing per step
     out = np.empty(n, dtype=np.uint8) if out is None else out
     p = 0
     step = max(lanes, 1)
@@ -405,17 +407,22 @@ def decode_symbols(states: np.ndarray, words: np.ndarray, ctx, tables: list, pro
         slots = contexts.block(b0, b1)[0].astype(np.uint32) << shift
         for a in range(b0, b1, step):
             w, i = min(lanes, n - a), a - b0
-            idx = slots[i:i + w]
-            idx |= x[:w] & mask
+            xw, idx, scratch = x[:w], slots[i:i + w], low_bits[:w]
+            np.bitwise_and(xw, mask, out=scratch)
+            idx |= scratch
             packed = slot_packed[idx]
-            y = (packed >> shift) * (x[:w] >> shift) + (packed & mask)
-            low = y < STATE_LOW
-            k = int(np.count_nonzero(low))
+            # x' = f · (x >> P) + (slot − cum), in place
+            xw >>= shift
+            np.right_shift(packed, shift, out=scratch)
+            xw *= scratch
+            packed &= mask
+            xw += packed
+            low = (xw < STATE_LOW).nonzero()[0]  # the lanes that read a word (~a fifth of them)
+            k = low.size
             if p + k > words.size:
                 raise FormatError(f"{what}: stream ends early")
-            y[low] = (y[low] << 16) | words[p:p + k]
+            xw[low] = (xw[low] << 16) | words[p:p + k]
             p += k
-            x[:w] = y
         out[b0:b1] = slot_sym[slots]
     if p != words.size or (lanes and not np.all(x == STATE_LOW)):
         raise FormatError(f"{what}: stream does not end where it should (damaged)")
@@ -648,8 +655,8 @@ def R(b,n,l):
  F=np.concatenate([f[q]<<P|np.arange(m)-(np.cumsum(f)-f)[q]for f,q in Q]).astype(np.uint32)
  x=np.frombuffer(b,"<u4",K,e).copy();w=np.frombuffer(b,"<u2",offset=e+4*K).astype(np.uint32);p=0;J=np.empty(n,np.uint32)
  for a in range(0,n,K or 1):
-  h=min(K,n-a);j=c[a:a+h]|x[:h]&m-1;J[a:a+h]=j;g=F[j];y=(g>>P)*(x[:h]>>P)+(g&m-1);t=y<65536;k=np.count_nonzero(t)
-  y[t]=y[t]<<16|w[p:p+k];p+=k;x[:h]=y
+  h=min(K,n-a);X=x[:h];j=c[a:a+h]|X&m-1;J[a:a+h]=j;g=F[j];X>>=P;X*=g>>P;X+=g&m-1;t=(X<65536).nonzero()[0];k=t.size
+  X[t]=X[t]<<16|w[p:p+k];p+=k
  if p!=w.size or(x!=65536).any():E("bad rans stream")
  u=s[J]
  for a,q,d in Z:
