@@ -67,7 +67,7 @@ i32 i64 u8 bool".split()}%(f8)s
    if n>8:E("bad bits")
    u=np.packbits(np.unpackbits(u,bitorder="little")[:N*n].reshape(N,n),1,bitorder="little")[:,0]\
 if q["pack"]=="dense"else u[:N]
-   c=torch.from_numpy(u.astype("f")-(1<<n-1)+1).reshape(y,x)
+   c=torch.from_numpy(u.astype("f")).reshape(y,x);c-=(1<<n-1)-1
    z=A(P(t["scales"]),q["sdtype"],(y,-1)).float();z=z[:,torch.arange(x)//g]if g else z[:,:1]
 %(reconstruct)s  return{t["name"]:%(result)s}
  if hasattr(p,"hex"):f=bytes(p);p="<bytes>"
@@ -79,9 +79,9 @@ if q["pack"]=="dense"else u[:N]
 
 # How a quantized tensor is rebuilt: w = q·scale, cast (1.1); with low-rank corrections (1.2), plus their outer
 # products, added in k order as docs/FORMAT.md says.
-_PLAIN = "   R[e]=(c*z).to(d).reshape(s)\n"
+_PLAIN = "   R[e]=c.mul_(z).to(d).reshape(s)\n"
 _LOWRANK = """\
-   w=c*z;k=q.get("rank",0);a=k and A(P(t["lowrank"]),q["ldtype"],-1).float();o=y*k
+   w=c.mul_(z);k=q.get("rank",0);a=k and A(P(t["lowrank"]),q["ldtype"],-1).float();o=y*k
    for j in range(k):w=w+a[j:o:k,None]*a[o+j*x:o+j*x+x]
    R[e]=w.to(d).reshape(s)
 """

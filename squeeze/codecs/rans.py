@@ -643,22 +643,23 @@ def R(b,n,l):
  P=b[0];K=int.from_bytes(b[2:4],"little");e=8+int.from_bytes(b[4:8],"little");m=1<<P
  v=np.frombuffer(zlib.decompressobj().decompress(b[8:e],1<<26),"<u2").astype(np.int64);T=[];i=1
  for _ in range(v[0]):a,k=v[i:i+2];f=np.zeros(256,np.int64);f[a:a+k]=v[i+2:i+2+k];i+=2+k;T.append(f)
- c=[];Z=[];z=0
+ Z=[];z=0
  if sum(r*q for r,q in l)!=n:E("bad rans layout")
+ c=np.empty(n,np.uint32)
  for r,q in l:
-  o=v[i];k=v[i+1];i+=2;z+=r*q
-  if o==0:c.append(np.full(r*q,k));continue
-  g=q if o==2 else r;y=v[i:i+k][v[i+k:i+k+g]];i+=k+g;c.append(np.tile(y,r)if o==2 else np.repeat(y,q))
+  o=v[i];k=v[i+1];i+=2;U=c[z:z+r*q].reshape(r,q);z+=r*q
+  if o==0:U[:]=k;continue
+  g=q if o==2 else r;y=v[i:i+k][v[i+k:i+k+g]];i+=k+g;U[:]=y if o==2 else y[:,None]
   if o==3:Z.append((z-r*q,q,v[i:i+r]));i+=r
- c=np.concatenate(c).astype(np.uint32)<<P;Q=[(f,np.repeat(np.arange(256),f))for f in T]
+ c<<=P;Q=[(f,np.repeat(np.arange(256),f))for f in T]
  s=np.concatenate([q for f,q in Q]).astype(np.uint8)
  F=np.concatenate([f[q]<<P|np.arange(m)-(np.cumsum(f)-f)[q]for f,q in Q]).astype(np.uint32)
- x=np.frombuffer(b,"<u4",K,e).copy();w=np.frombuffer(b,"<u2",offset=e+4*K).astype(np.uint32);p=0;J=np.empty(n,np.uint32)
+ x=np.frombuffer(b,"<u4",K,e).copy();w=np.frombuffer(b,"<u2",offset=e+4*K).astype(np.uint32);p=0
  for a in range(0,n,K or 1):
-  h=min(K,n-a);X=x[:h];j=c[a:a+h]|X&m-1;J[a:a+h]=j;g=F[j];X>>=P;X*=g>>P;X+=g&m-1;t=(X<65536).nonzero()[0];k=t.size
+  h=min(K,n-a);X=x[:h];j=c[a:a+h];j|=X&m-1;g=F[j];X>>=P;X*=g>>P;X+=g&m-1;t=(X<65536).nonzero()[0];k=t.size
   X[t]=X[t]<<16|w[p:p+k];p+=k
  if p!=w.size or(x!=65536).any():E("bad rans stream")
- u=s[J]
+ u=s[c]
  for a,q,d in Z:
   for r in np.flatnonzero(d):u[a+r*q:a+r*q+q]+=u[a+(r-d[r])*q:a+(r-d[r])*q+q]
  return u.tobytes()
