@@ -11,8 +11,10 @@ finds every product whose weight is a parameter or a slice of one (nn.Linear, a 
 that never met a product in a usable way got none (`Calibration.skipped`).
 """
 import re
+import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -132,7 +134,10 @@ class GramSums:
                 self.skipped.setdefault(name, reason)
 
     def hessians(self) -> dict:
-        return {key: (self.sums[key] / self.counts[key]).cpu() for key in sorted(self.sums)}
+        """{key: mean x xᵀ}, its values rounded to float32 (kept as float64): sums of the same batches in another
+        order (ranks adding their halves) differ in the last bits of a float64, and that must not change a code
+        of the artifact. float32 keeps ~1e-7 of the Hessian, far inside GPTQ's 1% damping."""
+        return {key: (self.sums[key] / self.counts[key]).float().double().cpu() for key in sorted(self.sums)}
 
 
 def collective_device():
@@ -257,9 +262,32 @@ def fisher(params: dict, names: list, units, logits_of, seed: int = 0, progress=
     a cross-entropy the expected Hessian is the Fisher F = E_y[∇ℓ(y) ∇ℓ(y)ᵀ] over labels y drawn from the model's
     own distribution (the Gauss-Newton matrix: positive, so no floor is needed where the loss is bent). Drawing one
     label per token and taking ‖∇ Σ_t ℓ_t‖² estimates Σ_t tr F_t without bias: the cross terms of two tokens
-    vanish in expectation, each label being drawn independently given the forward. The labels come from a seeded
-    generator on the CPU, so compile stays deterministic. Gradients are taken with torch.autograd.grad: the model's
-    `.grad` fields are never touched."""
+    vanish in expectation, each label being drawn independently given the forward. Gradients are taken with
+    torch.autograd.grad: the model's `.grad` fields are never touched."""
+    return fisher_total(fisher_terms(params, names, units, logits_of, seed, progress))
+
+
+@dataclass
+class FisherTerms:
+    """Each unit's ‖∇‖² per tensor (`squares[u, j]` for `names[j]`) and its token count: what ranks gather, so that
+    the total is the same however the units were dealt (`fisher_total` sums them in a canonical order)."""
+    names: list
+    squares: np.ndarray  # float64 [units, names]
+    tokens: np.ndarray   # int64 [units]
+
+    @staticmethod
+    def joined(parts: list) -> "FisherTerms":
+        """One FisherTerms of every unit of `parts` (each rank's terms, the same names)."""
+        if any(p.names != parts[0].names for p in parts):
+            raise SqueezeError("sensitivities: ranks measured different tensors")
+        return FisherTerms(parts[0].names, np.concatenate([p.squares for p in parts]),
+                           np.concatenate([p.tokens for p in parts]))
+
+
+def fisher_terms(params: dict, names: list, units, logits_of, seed: int = 0, progress=None) -> FisherTerms:
+    """`fisher`'s per-unit terms. Each unit draws its labels from a CPU generator seeded by `seed` and the unit's own
+    contents, so a unit's term does not depend on which units came before it (nor on which rank measured it), and
+    compile stays deterministic."""
     slots, leaves = {}, {}  # name -> (parameter key, slice index or None); parameter key -> tensor
     for name in names:
         key, index = name, None
@@ -273,15 +301,13 @@ def fisher(params: dict, names: list, units, logits_of, seed: int = 0, progress=
             slots[name] = (key, index)
             leaves[key] = params[key]
     keys = sorted(leaves)
-    squares = {k: torch.zeros(leaves[k].shape[:-2].numel() if leaves[k].dim() >= 3 else 1, dtype=torch.float64)
-               for k in keys}
     was = {k: leaves[k].requires_grad for k in keys}
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    tokens = 0
+    rows, tokens = [], []
     try:
         for k in keys:
             leaves[k].requires_grad_(True)
         for unit in units:
+            g = torch.Generator(device="cpu").manual_seed(_unit_seed(seed, unit))
             with torch.enable_grad():
                 logits = logits_of(unit).float()
                 logits = logits.reshape(-1, logits.shape[-1])
@@ -289,19 +315,41 @@ def fisher(params: dict, names: list, units, logits_of, seed: int = 0, progress=
                 labels = torch.multinomial(probs, 1, generator=g).squeeze(1).to(logits.device)
                 loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
                 grads = torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)
+            squares = {}
             for k, grad in zip(keys, grads):
                 if grad is not None:
                     sq = grad.detach().double().square()
-                    squares[k] += (sq.reshape(-1, *sq.shape[-2:]).sum((1, 2)) if sq.dim() >= 3 else sq.sum()).cpu()
-            tokens += logits.shape[0]
+                    squares[k] = (sq.reshape(-1, *sq.shape[-2:]).sum((1, 2)) if sq.dim() >= 3 else sq.sum().reshape(1)).cpu()
+            rows.append([float(squares[key][index or 0]) if key in squares else 0.0
+                         for key, index in slots.values()])
+            tokens.append(logits.shape[0])
             if progress is not None:
                 progress(1)
     finally:
         for k in keys:
             leaves[k].requires_grad_(was[k])
-    if tokens == 0:
+    return FisherTerms(list(slots), np.array(rows, dtype=np.float64).reshape(len(rows), len(slots)),
+                       np.array(tokens, dtype=np.int64))
+
+
+def fisher_total(terms: FisherTerms) -> dict:
+    """{name: ½·Σ‖∇‖² / Σ tokens} over all units, summed in the order of the sorted rows: the same bits whatever
+    order the units arrived in (floating-point sums are not associative)."""
+    total = int(terms.tokens.sum())
+    if total == 0:
         raise SqueezeError("sensitivities: no calibration tokens to measure them on")
-    return {name: 0.5 * float(squares[key][index or 0]) / tokens for name, (key, index) in slots.items()}
+    squares = terms.squares[np.lexsort(terms.squares.T[::-1])] if len(terms.squares) else terms.squares
+    sums = squares.sum(axis=0)
+    return {name: 0.5 * float(sums[j]) / total for j, name in enumerate(terms.names)}
+
+
+def _unit_seed(seed: int, unit) -> int:
+    """A label seed from `seed` and the unit's bytes (a tensor, or a tuple/list of them)."""
+    crc = zlib.crc32(seed.to_bytes(8, "little", signed=True))
+    for t in unit if isinstance(unit, (tuple, list)) else (unit,):
+        if isinstance(t, torch.Tensor):
+            crc = zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), crc)
+    return crc
 
 
 def rows_of(batch) -> list:

@@ -20,9 +20,10 @@ their side, in about five lines:
   summed across ranks (N GPUs see N× the tokens in the same time), GPTQ and the budget's grid pricing are split
   across ranks by tensor and gathered; every rank gets the same artifact and rank 0 writes it, atomically.
 - `time_limit` (seconds): calibration stops after the batch that reaches it, with what it has, and says so.
-- `sensitivities` (with a budget): "fisher" (default: one backward per sequence of the first batch) or "probe"
-  (two forwards per tensor). A forward that returns a loss instead of logits can only be probed: export does that
-  and says so.
+- `sensitivities` (with a budget): "fisher" (default: one backward of the first sequence of every calibrated
+  batch, gathered across ranks and summed in a canonical order, so that N ranks give the bits one process gives on
+  the same batches) or "probe" (two forwards per tensor on each rank's first batch, averaged over ranks). A forward
+  that returns a loss instead of logits can only be probed: export does that and says so.
 - `code`: files whose bytes count against `budget` as the challenge counts them (your script, the decoder you
   paste), or ints (bytes reserved for code written after export). Without a budget, export warns when artifact +
   code exceed 16,000,000 bytes.
@@ -92,7 +93,7 @@ def export(model: nn.Module, batches, path: str | os.PathLike | None = None, *, 
         if budget is not None:
             t0 = time.perf_counter()
             targets = budget_names(model.state_dict(), recipe or Recipe())
-            measured, fallback = _sensitivities(model, cal.probe_batch, run, names, targets, progress and rank == 0,
+            measured, fallback = _sensitivities(model, cal.batches, run, names, targets, progress and rank == 0,
                                                 sensitivities)
             if fallback:
                 warnings.append(fallback)
@@ -135,7 +136,7 @@ def export(model: nn.Module, batches, path: str | os.PathLike | None = None, *, 
 
 @dataclasses.dataclass(frozen=True)
 class _Calibration(calibrate.Calibration):
-    probe_batch: object = None  # the first batch, on which sensitivities are probed
+    batches: list = dataclasses.field(default_factory=list)  # this rank's calibrated batches (sensitivities)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -227,16 +228,18 @@ def _calibrate(model, batches, run, names, time_limit, show) -> tuple:
                            "to work on (is `forward` the method that runs the model?)")
     source = f"{tokens_all:,} tokens in {done_all} batches" + (f" on {world} ranks" if world > 1 else "")
     return _Calibration(hessians=sums.hessians(), sensitivities={}, sequences=done_all, tokens=tokens_all,
-                        source=source, skipped=sums.skipped, probe_batch=batches[0]), stopped
+                        source=source, skipped=sums.skipped, batches=batches[:done]), stopped
 
 
 class _ReturnsLoss(Exception):
     """The forward returned a scalar loss, so there are no logits to draw the Fisher's labels from."""
 
 
-def _sensitivities(model, batch, run, names, targets, show, method) -> tuple[dict, str | None]:
-    """(loss increase per unit weight noise of each of `targets` (what the budget decides), on this rank's first
-    batch, averaged over ranks; a warning when the method asked for could not be used)."""
+def _sensitivities(model, batches, run, names, targets, show, method) -> tuple[dict, str | None]:
+    """(loss increase per unit weight noise of each of `targets` (what the budget decides); a warning when the
+    method asked for could not be used). The Fisher takes the first sequence of each of this rank's `batches` and
+    gathers every rank's terms before summing them (calibrate.fisher_total: the same bits for any dealing of the
+    batches to ranks); the probe measures this rank's first batch and averages over ranks."""
     from .verify.progress import ProgressBar
 
     if method not in calibrate.SENSITIVITY_METHODS:
@@ -250,24 +253,25 @@ def _sensitivities(model, batch, run, names, targets, show, method) -> tuple[dic
             if out.dim() == 0:
                 raise _ReturnsLoss
             return out
-        units = calibrate.rows_of(batch)
+        units = [calibrate.rows_of(b)[0] for b in batches]
         bar = ProgressBar("sensitivities", len(units), enabled=show, unit="sequences")
         try:
-            raw = calibrate.fisher(params, targets, units, logits_of, progress=bar.advance)
+            terms = calibrate.fisher_terms(params, targets, units, logits_of, progress=bar.advance)
+            raw = calibrate.fisher_total(calibrate.FisherTerms.joined(parallel.gather(terms)))
         except _ReturnsLoss:
             fallback = ("sensitivities: the forward returns a loss, not logits, so they were probed (2 forwards per "
                         "tensor) instead of taken from one backward; pass forward= the method that returns logits")
         bar.close()
     if raw is None:
         def loss() -> float:
-            return _loss(run(batch), batch)
+            return _loss(run(batches[0]), batches[0])
 
         bar = ProgressBar("probe", len(targets), enabled=show, unit="tensors")
         with torch.no_grad():
             raw = calibrate.probe(params, targets, loss, progress=bar.advance)
         bar.close()
     rank, world = parallel.group_size()
-    if world > 1:
+    if world > 1 and (method == "probe" or fallback is not None):  # probed: each rank its own first batch
         values = torch.tensor([raw[n] for n in targets], dtype=torch.float64, device=calibrate.collective_device())
         torch.distributed.all_reduce(values)
         raw = dict(zip(targets, (values / world).tolist()))

@@ -16,15 +16,22 @@ def group_size() -> tuple[int, int]:
     return 0, 1
 
 
+def gather(obj) -> list:
+    """[each rank's `obj`], in rank order, on every rank ([obj] without a group)."""
+    rank, world = group_size()
+    if world == 1:
+        return [obj]
+    parts = [None] * world
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def map_items(fn, items: list) -> list:
     """[fn(item) for item in items], the work dealt round-robin across ranks and the results gathered on all."""
     rank, world = group_size()
     if world == 1:
         return [fn(item) for item in items]
-    mine = {i: fn(item) for i, item in enumerate(items) if i % world == rank}
-    parts = [None] * world
-    dist.all_gather_object(parts, mine)
     merged = {}
-    for part in parts:
+    for part in gather({i: fn(item) for i, item in enumerate(items) if i % world == rank}):
         merged.update(part)
     return [merged[i] for i in range(len(items))]

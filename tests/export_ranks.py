@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import squeeze  # noqa: E402
-from test_export import BUDGET, RECIPE, calibration_batches, banked_model  # noqa: E402
+from test_export import BUDGET, CODE, RECIPE, calibration_batches, banked_model  # noqa: E402
 
 
 def main(out: str):
@@ -18,7 +18,7 @@ def main(out: str):
     rank, world = dist.get_rank(), dist.get_world_size()
     model, sd = banked_model()
     batches = calibration_batches()[rank::world]
-    result = squeeze.export(model, batches, out, recipe=RECIPE, budget=BUDGET, progress=False)
+    result = squeeze.export(model, batches, out, recipe=RECIPE, budget=BUDGET, code=CODE, progress=False)
     if rank == 0:
         torch.save({"hessians": result.calibration.hessians, "tokens": result.calibration.tokens}, out + ".pt")
     dist.destroy_process_group()

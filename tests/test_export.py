@@ -23,6 +23,7 @@ from test_operands import banked_gpt
 RECIPE = parse('[defaults]\nbits = 5\nclip = "std"\nclip_std_k = 5.0\n[encode]\ncodec = "zlib"\n'
                '[[rules]]\nmatch = "tok_emb.weight"\nbits = 6\nclip_std_k = 8.0\n', "export-test.toml")
 BUDGET = 2_000_000
+CODE = [__file__, 3000]  # this file's bytes and 3,000 reserved, counted against BUDGET
 
 
 def banked_model():
@@ -43,7 +44,7 @@ def exported(tmp_path_factory):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path_factory.mktemp("export") / "model.sqz"
     result = squeeze.export(model, calibration_batches(), out, recipe=RECIPE, budget=BUDGET,
-                            code=[__file__, 3000], progress=False)
+                            code=CODE, progress=False)
     return model, before, out, result
 
 
@@ -120,7 +121,7 @@ def test_bad_code_file_is_one_line():
 @pytest.mark.slow
 def test_two_gloo_ranks_sum_their_hessians_and_split_gptq(tmp_path, exported):
     """Each rank calibrates half the batches; the summed Hessians are those of all batches in one process, and
-    the artifact rank 0 writes decodes like the one-process export (GPTQ split across ranks by tensor)."""
+    the artifact rank 0 writes is byte for byte the one-process export's (GPTQ split across ranks by tensor)."""
     out = tmp_path / "ranks.sqz"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
@@ -133,8 +134,9 @@ def test_two_gloo_ranks_sum_their_hessians_and_split_gptq(tmp_path, exported):
     assert sorted(saved["hessians"]) == sorted(single.calibration.hessians)
     for k, h in saved["hessians"].items():
         assert torch.allclose(h, single.calibration.hessians[k], rtol=1e-10, atol=1e-13), k
-    a, b = squeeze.load(out), squeeze.load(single.blob)
-    assert len(out.read_bytes()) <= BUDGET and list(a) == list(b)
+    # the Hessians are rounded to float32 after the sum and the Fisher terms summed in a canonical order, so the
+    # dealing of batches to ranks changes no bit of the artifact
+    assert out.read_bytes() == single.blob and len(single.blob) <= BUDGET
 
 
 @pytest.mark.slow

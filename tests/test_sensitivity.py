@@ -51,6 +51,21 @@ def test_fisher_of_a_softmax_head_equals_its_closed_form(baseline):
     assert spread < 0.05 * expected  # the test can tell a wrong estimator from a right one
 
 
+def test_fisher_terms_give_the_same_bits_in_any_order_and_any_split(baseline):
+    """What ranks rely on: a unit's labels are drawn from its own contents, not from its place in the sequence of
+    units, and the total sums the units in a canonical order. Units reversed, or dealt to two "ranks" and joined,
+    give the bits of the plain order."""
+    params = calibrate.checkpoint_parameters(baseline)
+    names = ["tok_emb.weight", "blocks.0.mlp.fc.weight", "blocks.1.attn.c_q.weight"]
+    units = [t[:, :-1] for t in calibrate.rows_of(TOKENS)]
+    run = lambda ids: baseline(ids)  # noqa: E731
+    plain = calibrate.fisher(params, names, units, run)
+    assert calibrate.fisher(params, names, units[::-1], run) == plain
+    halves = [calibrate.fisher_terms(params, names, units[r::2], run) for r in (1, 0)]
+    assert calibrate.fisher_total(calibrate.FisherTerms.joined(halves)) == plain
+    assert all(v > 0 for v in plain.values()) and len(set(plain.values())) == 3
+
+
 def test_fisher_ranks_tensors_as_the_probe_does(baseline, fixture_sd):
     """On text from the model's own distribution (--calib-self) the two measures agree on the order of the tensors
     (Spearman ≥ 0.95) and on the scale (median ratio within 0.7-1.3): there the Fisher is the expected Hessian, whose
