@@ -32,13 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import squeeze  # noqa: E402
 from squeeze import calibrate, compiler  # noqa: E402
 from squeeze.passes import allocate  # noqa: E402
 from squeeze.recipe import parse  # noqa: E402
-from squeeze.verify import verify  # noqa: E402
+from squeeze.verify import bootstrap_drifts, verify  # noqa: E402
 import record_anchor  # noqa: E402
 
 SMALL_FLOAT = '[keep_float]\nmax_numel = 65536\ncontrol_dtype = "fp16"\nsmall_dtype = "fp16"\n'
@@ -106,10 +107,11 @@ def main():
         path.write_bytes(blob)
         r = verify(path, ckpt_path, args.val, args.tokenizer, seq_len=args.seq_len, device="cpu")
         size = len(blob) if counted is None else counted
+        lo, hi = r.drift_interval()
         row = {"label": label, "bytes": size, "bpp": 8 * size / params, "drift": r.drift_bpb,
-               "bpb": r.decoded.val_bpb, "seconds": seconds}
+               "bpb": r.decoded.val_bpb, "seconds": seconds, "result": r}
         print(f"{label:<34} {size:>11,} {row['bpp']:>7.3f} {r.decoded.val_bpb:>9.5f} {r.drift_bpb:>+9.5f} "
-              f"{seconds:>8.1f}", flush=True)
+              f"[{lo:+.5f}, {hi:+.5f}] {seconds:>8.1f}", flush=True)
         return row
 
     def anchor(label: str, text: str) -> tuple:
@@ -126,7 +128,8 @@ def main():
         out = fn()
         return out, time.perf_counter() - t
 
-    print(f"{'pipeline':<34} {'bytes':>11} {'bits/p':>7} {'val_bpb':>9} {'drift':>9} {'compile s':>8}")
+    print(f"{'pipeline':<34} {'bytes':>11} {'bits/p':>7} {'val_bpb':>9} {'drift':>9} {'95% bootstrap':>20} "
+          f"{'compile s':>8}")
     rows, budget_recipe = [], parse(BUDGET_RECIPE, "budget")
     if not args.skip_legacy:
         blob, s = timed(lambda: squeeze.compile(sd, parse(record_recipe(12.85), "record"), cal.hessians))
@@ -210,8 +213,10 @@ def main():
               + (f"smallest squeeze artifact with a drift as low: {strong[0]['bytes']:,} bytes = "
                  f"{strong[0]['bytes'] / best['bytes']:.3f} x" if strong else "no squeeze curve point is as low"))
     print(f"\nstrongest anchor: {strongest['label']}: {strongest['bytes']:,} bytes, drift {strongest['drift']:+.5f}")
+    paired = bootstrap_drifts([strongest["result"], at_anchor["result"]])
+    lo, hi = np.quantile(paired[:, 1] / paired[:, 0], [0.025, 0.975])
     print(f"at its bytes: drift ratio squeeze/anchor = {at_anchor['drift'] / strongest['drift']:.3f} "
-          f"(target <= 0.33)")
+          f"(95% paired bootstrap over validation windows: {lo:.3f}-{hi:.3f}; target <= 0.33)")
     as_low = [r for r in curve if r["drift"] <= strongest["drift"]]
     print("smallest squeeze artifact with a drift as low: " + (
         f"{as_low[0]['bytes']:,} bytes = {as_low[0]['bytes'] / strongest['bytes']:.3f} x the anchor's (target "

@@ -123,6 +123,41 @@ def test_verify_equals_a_plain_loop(prefix_result, model, tokens, sp, int8_artif
     assert prefix_result.artifact_bytes == int8_artifact.stat().st_size and prefix_result.params == 2_101_776
 
 
+def test_per_window_sums_add_up_to_the_score_and_equal_each_windows_own(prefix_result, model, tokens, sp):
+    """Score.windows: each window's loss, tokens and bytes; they add up to the totals, and a window's row equals
+    the plain loop over that window alone."""
+    for side in (prefix_result.original, prefix_result.decoded):
+        w = side.windows
+        assert w.shape == (PREFIX // 256, 3) and w.dtype == torch.float64
+        assert abs(float(w[:, 0].sum()) - side.loss_nats) < 1e-9 * side.loss_nats
+        assert int(w[:, 1].sum()) == side.tokens and int(w[:, 2].sum()) == side.bytes
+    third = tokens[2 * 256:3 * 256 + 1]
+    loss, _ = reference(model, third, 256, sp)
+    row = prefix_result.original.windows[2]
+    assert abs(float(row[0]) / 256 - loss) < 1e-6 and int(row[1]) == 256
+    assert int(row[2]) == sum(piece_bytes(sp, int(a), int(b)) for a, b in zip(third[:-1], third[1:]))
+
+
+def test_bootstrap_of_drift_is_paired_centred_and_deterministic(prefix_result):
+    """The interval holds the measured drift, is reproducible for a seed, and the same result twice gives the same
+    drift in every resample (a ratio of two drifts of one artifact is exactly 1: the resamples are paired)."""
+    from squeeze.verify import bootstrap_drifts
+    lo, hi = prefix_result.drift_interval()
+    assert lo < prefix_result.drift_bpb < hi and hi - lo > 0
+    assert prefix_result.drift_interval() == (lo, hi)
+    rows = bootstrap_drifts([prefix_result, prefix_result], samples=200, seed=3)
+    assert rows.shape == (200, 2) and np.array_equal(rows[:, 0], rows[:, 1])
+    assert abs(float(np.median(rows[:, 0])) - prefix_result.drift_bpb) < (hi - lo) / 2
+
+
+def test_sliding_window_sums_count_each_prediction_once(model, tokens):
+    table, stream = byte_table(load_tokenizer(TOKENIZER)), torch.from_numpy(tokens[:1025])
+    got = score(model, stream, table, plan_windows(len(stream), 64, stride=16), batch_size=8)
+    assert int(got.windows[:, 1].sum()) == got.tokens == 1024 and int(got.windows[:, 2].sum()) == got.bytes
+    assert abs(float(got.windows[:, 0].sum()) - got.loss_nats) < 1e-9 * got.loss_nats
+    assert (got.windows[1:, 1] <= 16).all() and int(got.windows[0, 1]) == 64  # later windows score their stride
+
+
 # ---------------------------------------------------------------- windows
 
 @pytest.mark.parametrize("n_tokens,seq_len,stride", [(100, 16, 16), (100, 16, 5), (101, 16, 1), (17, 16, 4),

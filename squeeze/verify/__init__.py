@@ -12,8 +12,12 @@ rank scores a slice and the sums are combined (dist.py); every rank returns the 
 verify() writes no files. `squeeze verify` writes record.document(result) beside the artifact (ARTIFACT.verify.json),
 where `squeeze inspect` finds it (record.py).
 """
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from ..checkpoint import load_checkpoint
 from ..errors import SqueezeError
@@ -24,6 +28,28 @@ from .record import sha256_of
 from .stream import ByteSource, byte_source, load_byte_counts, load_stream, shard_paths
 from .weights import check_same_tensors, decode_with_shipped_decoder
 from .windows import plan_windows
+
+
+def bootstrap_drifts(results: list, samples: int = 2000, seed: int = 0) -> np.ndarray:
+    """float64 [samples, len(results)]: each result's drift_bpb recomputed on `samples` resamples (with replacement)
+    of the validation windows, the same resample for every result, so that drifts of several artifacts of one
+    checkpoint, scored on the same windows, stay paired (a ratio of two drifts gets its interval from these rows).
+    Windows are the unit: within a window tokens are correlated, across windows much less (a window is 1-2K
+    tokens of the stream). Deterministic for a seed."""
+    first = results[0]
+    for r in results:
+        if r.original.windows is None or r.decoded.windows is None:
+            raise SqueezeError("bootstrap: a result without per-window sums (scored by an older verify)")
+        if not torch.equal(r.original.windows, first.original.windows):
+            raise SqueezeError("bootstrap: the results were not scored on the same windows of the same checkpoint")
+    n = first.original.windows.shape[0]
+    counts = torch.from_numpy(np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=samples)).double()
+    byte_totals = counts @ first.original.windows[:, 2]
+    out = np.empty((samples, len(results)))
+    for j, r in enumerate(results):
+        extra_nats = counts @ (r.decoded.windows[:, 0] - r.original.windows[:, 0])
+        out[:, j] = (extra_nats / (math.log(2) * byte_totals)).numpy()
+    return out
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,12 @@ class VerifyResult:
     @property
     def bits_per_param(self) -> float:
         return 8 * self.artifact_bytes / max(self.params, 1)
+
+    def drift_interval(self, level: float = 0.95, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+        """The central `level` interval of drift_bpb over a paired bootstrap of the validation windows: what another
+        sample of text of this size could have measured (bootstrap_drifts)."""
+        drifts = bootstrap_drifts([self], samples, seed)[:, 0]
+        return tuple(float(v) for v in np.quantile(drifts, [(1 - level) / 2, (1 + level) / 2]))
 
     def drift_exceeds(self, max_drift: float) -> bool:
         """The decoded weights score more than `max_drift` bits per byte worse than the original ones."""

@@ -2,7 +2,7 @@
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ class Score:
     tokens: int        # scored predictions
     bytes: int         # their bytes, counted as the challenge does
     seconds: float     # wall time of the scoring, slowest rank
+    # float64 [windows, 3]: each window's summed loss, scored tokens and bytes, in plan order (a bootstrap over
+    # windows puts a noise floor on a drift: bootstrap_drifts); not part of the report
+    windows: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def val_loss(self) -> float:
@@ -83,6 +86,7 @@ def score(model: torch.nn.Module, stream: torch.Tensor, table: ByteTable, plan: 
     batches = plan.batches(batch_size)
     mine = dist.split(len(batches), procs)
     per_batch = torch.zeros(len(batches), 3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+    per_window = torch.zeros(len(plan), 3, dtype=torch.float64, device=device)
     positions = torch.arange(plan.seq_len, device=device)
     offsets = torch.arange(plan.seq_len + 1)
     bar = ProgressBar(progress_label or "", sum(int((plan.seq_len - plan.score_from[batches[b]]).sum()) for b in mine),
@@ -97,18 +101,29 @@ def score(model: torch.nn.Module, stream: torch.Tensor, table: ByteTable, plan: 
             logits = model(x)
         counts = None if byte_counts is None else byte_counts[at[:, 1:]].to(device=device, non_blocking=True)
         if not score_from.any():
+            scored = None
             picked_logits, targets, prev = logits.flatten(0, 1), y.flatten(), x.flatten()
         else:  # sliding windows: only the positions no earlier window scored
             scored = positions[None, :] >= torch.from_numpy(score_from).to(device)[:, None]
             picked_logits, targets, prev = logits[scored], y[scored], x[scored]
             counts = None if counts is None else counts[scored]
         losses = F.cross_entropy(picked_logits.float(), targets, reduction="none")
+        target_bytes = table.count(prev, targets) if counts is None else counts
         per_batch[b, 0] = losses.double().sum()
         per_batch[b, 1] = targets.numel()
-        per_batch[b, 2] = (table.count(prev, targets) if counts is None else counts).sum().double()
+        per_batch[b, 2] = target_bytes.sum().double()
+        columns = torch.stack([losses.double(), torch.ones_like(losses, dtype=torch.float64),
+                               target_bytes.double()], dim=-1)
+        if scored is None:
+            per_window[batches[b]] = columns.view(y.shape[0], y.shape[1], 3).sum(1)
+        else:
+            window_of = torch.arange(y.shape[0], device=device)[:, None].expand_as(scored)[scored]
+            per_window[batches[b]] = torch.zeros(y.shape[0], 3, dtype=torch.float64, device=device).index_add_(
+                0, window_of, columns)
         bar.advance(targets.numel())
     bar.close()
     totals = dist.sum_across(per_batch, procs).cpu()
+    windows = dist.sum_across(per_window, procs).cpu()
     seconds = dist.max_across(time.perf_counter() - started, procs, device)
     return Score(loss_nats=math.fsum(totals[:, 0].tolist()), tokens=int(totals[:, 1].sum().item()),
-                 bytes=int(totals[:, 2].sum().item()), seconds=seconds)
+                 bytes=int(totals[:, 2].sum().item()), seconds=seconds, windows=windows)
