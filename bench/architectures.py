@@ -8,6 +8,13 @@ loss, logits from forward_logits); the banks inside a wrapper module (parameter 
 with one recipe (every block matrix quantized) and GPTQ calibrated on the first half of the val shard, then scored by
 `squeeze verify` on the second half (BPB as the challenge counts it, through the emitted decoder).
 
+The records' other ways of using matrices come next (fixtures/record_gpt.py, one row per record at the fixture's
+size, its new tensors seeded): 03-29 (banks, BigramHash and value-embedding projections and lookup tables, SmearGate,
+XSA), 04-09 (per-layer matrices, loops, skip gates, GPT-J parallel blocks), 04-27 (banks, loops, skip gates, two-lane
+parallel residual, sparse attention-output gate, smear gate). Their functions differ from the baseline's (new
+tensors, untrained structure), so compare their drift, not their val_bpb; a lookup table (F.embedding) has no input
+Hessian, so 03-29's two tables are round-to-nearest in the GPTQ count.
+
 "before" rows reproduce what squeeze did before operand-level calibration and stacks (session of 2026-12-01): the
 tied head had no Hessian (only nn.Linear inputs were hooked); a bank was one [L, R·C] matrix (one scale per layer
 matrix) with no Hessian, and the banked model's forward(ids, targets) raised TypeError, so it compiled without
@@ -43,11 +50,15 @@ def write_shard(path: Path, tokens: np.ndarray):
     path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
 
 
-def banked_module():
-    spec = importlib.util.spec_from_file_location("banked_gpt", ROOT / "fixtures/banked_gpt.py")
+def fixture_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"fixtures/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def banked_module():
+    return fixture_module("banked_gpt")
 
 
 def main():
@@ -58,7 +69,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     args = ap.parse_args()
     torch.manual_seed(0)
-    banked_gpt = banked_module()
+    banked_gpt, record_gpt = banked_module(), fixture_module("record_gpt")
     sd = torch.load(args.ckpt, map_location="cpu", weights_only=True)
     tokens = read_shard(args.val)
     half = tokens.size // 2
@@ -71,6 +82,12 @@ def main():
         "banked": (banked_sd, f"{ROOT / 'fixtures/banked_gpt.py'}:build", {}),
         "banked+wrapper": (banked_sd, f"{ROOT / 'fixtures/banked_gpt.py'}:build", {"wrap": True}),
     }
+    for record in record_gpt.RECORDS:
+        config = {"record": record}
+        layouts[f"record {record}"] = (record_gpt.record_state_dict(sd, config), f"{ROOT / 'fixtures/record_gpt.py'}"
+                                       f":build", config)
+    builders = {f"{ROOT / 'fixtures/banked_gpt.py'}:build": banked_gpt.build,
+                f"{ROOT / 'fixtures/record_gpt.py'}:build": record_gpt.build}
     rows = []
     for label, (state_dict, model_spec, config) in layouts.items():
         ckpt = work / f"{label}.pt"
@@ -80,7 +97,7 @@ def main():
             net = GPT.from_state_dict({k: v.float() for k, v in state_dict.items()})
             forward = net
         else:
-            net = banked_gpt.build(state_dict, config)
+            net = builders[model_spec](state_dict, config)
             forward = net.forward_logits
         t0 = time.perf_counter()
         cal = calibrate.calibrate(net, calib_tokens, forward=forward, names=list(state_dict))

@@ -133,6 +133,11 @@ class GramSums:
             for name, reason in r.items():
                 self.skipped.setdefault(name, reason)
 
+    def unattributed(self) -> dict:
+        """{name: why}: the skips of names with no Hessian at all (a tied embedding is looked up, a skip, and used
+        as the head, a Hessian: it keeps the Hessian and no skip)."""
+        return {n: r for n, r in self.skipped.items() if not _has_any(self.sums, n)}
+
     def hessians(self) -> dict:
         """{key: mean x xᵀ}, its values rounded to float32 (kept as float64): sums of the same batches in another
         order (ranks adding their halves) differ in the last bits of a float64, and that must not change a code
@@ -171,7 +176,7 @@ def collect_hessians(model: nn.Module, batches, device="cpu", forward=None, name
             run(batch.to(device))
             bar.advance(1)
     bar.close()
-    return sums.hessians(), sums.skipped
+    return sums.hessians(), sums.unattributed()
 
 
 def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, device="cpu", source: str = "",
@@ -192,7 +197,7 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, devic
                          checkpoint_names=names, progress=progress,
                          method=sensitivity_method) if sensitivity_names else {}
     return Calibration(hessians=hessians, sensitivities=sens, sequences=tokens.shape[0], tokens=tokens.numel(),
-                       source=source, skipped={n: r for n, r in skipped.items() if not _has_any(hessians, n)})
+                       source=source, skipped=skipped)
 
 
 def _has_any(hessians: dict, name: str) -> bool:

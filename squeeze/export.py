@@ -228,7 +228,7 @@ def _calibrate(model, batches, run, names, time_limit, show) -> tuple:
                            "to work on (is `forward` the method that runs the model?)")
     source = f"{tokens_all:,} tokens in {done_all} batches" + (f" on {world} ranks" if world > 1 else "")
     return _Calibration(hessians=sums.hessians(), sensitivities={}, sequences=done_all, tokens=tokens_all,
-                        source=source, skipped=sums.skipped, batches=batches[:done]), stopped
+                        source=source, skipped=sums.unattributed(), batches=batches[:done]), stopped
 
 
 class _ReturnsLoss(Exception):

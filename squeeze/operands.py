@@ -10,7 +10,10 @@ rows under the weight's key: the parameter's name, or `name[i]` for slice i of a
 of an N-D weight's slices, squeeze/passes/stack.py). A layer run several times per forward (loops) reports every pass.
 
 Products that touch a tracked weight in a way GPTQ cannot use (einsum, a weight contracted over its rows, a batched
-product over a whole bank) are recorded as skips with the reason, so calibration can say why a tensor got no Hessian.
+product over a whole bank) are recorded as skips with the reason, so calibration can say why a tensor got no Hessian;
+so is a weight read as a lookup table (F.embedding: a bigram-hash or value-embedding table, an untied input
+embedding), which no product meets. A name that also got a Hessian elsewhere (a tied embedding, looked up and used as
+the head) keeps it: calibration drops the skips of names with Hessians.
 """
 from dataclasses import dataclass
 
@@ -92,6 +95,11 @@ class OperandTracker(TorchFunctionMode):
             self._matmul(args[1], args[0])
         elif func is torch.addmm or func is torch.Tensor.addmm:
             self._matmul(args[1], args[2])
+        elif func is F.embedding:
+            o = self._origin(args[1] if len(args) > 1 else kwargs.get("weight"))
+            if o is not None:
+                self.on_skip(o.name, "a lookup table (F.embedding): token ids select its rows, nothing is "
+                                     "multiplied by it, so it has no input Hessian")
         elif func in _OPAQUE:
             for a in list(args) + [x for a in args if isinstance(a, (list, tuple)) for x in a]:
                 o = self._origin(a)

@@ -269,3 +269,36 @@ def test_a_layer_output_loss_has_the_calibration_hessian_as_sensitivity(baseline
     rows_, trace = z.shape[0], float(h.trace())
     spread = (2 * float((h @ h).trace()) / rows_) ** 0.5 / trace
     assert abs(got / (0.5 * rows_ * trace) - 1) < 4 * spread
+
+
+class _Tables(nn.Module):
+    """A lookup-only table (a bigram-hash or value embedding), a tied one (looked up and used as the head) and a
+    projection, all real fixture weights."""
+
+    def __init__(self, sd):
+        super().__init__()
+        self.table = nn.Embedding.from_pretrained(sd["tok_emb.weight"].float()[:, :64].clone(), freeze=False)
+        self.tied = nn.Embedding.from_pretrained(sd["tok_emb.weight"].float().clone(), freeze=False)
+        self.proj = nn.Parameter(sd["blocks.0.mlp.proj.weight"].float()[:, :64].clone())
+
+    def forward(self, ids):
+        x = rms_norm(self.tied(ids) + F.linear(self.table(ids), self.proj))
+        return F.linear(x, self.tied.weight)
+
+
+@torch.no_grad()
+def test_a_lookup_table_is_named_as_one(fixture_sd):
+    """F.embedding multiplies by nothing: a table only looked up gets no Hessian, and the reason says it is a lookup
+    table (not 'never multiplied by', which reads like a calibration miss); a tied table, also the head, keeps the
+    head's Hessian and no skip."""
+    m = _Tables(fixture_sd)
+    ids = TOKENS[:2]
+    hessians, skipped = calibrate.collect_hessians(m, [ids])
+    assert sorted(hessians) == ["proj", "tied.weight"]
+    assert _close_to(hessians["proj"], _gram(m.table.weight[ids]))
+    assert skipped["table.weight"] == "a lookup table (F.embedding): token ids select its rows, nothing is " \
+                                      "multiplied by it, so it has no input Hessian"
+    cal = calibrate.calibrate(m, ids)
+    assert sorted(cal.skipped) == ["table.weight"]  # the tied table's lookup is dropped: it has the head's Hessian
+    x = rms_norm(m.tied(ids) + F.linear(m.table(ids), m.proj))
+    assert _close_to(cal.hessians["tied.weight"], _gram(x))
