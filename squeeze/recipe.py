@@ -99,7 +99,7 @@ class GPTQSettings:
 class BudgetSettings:
     """[budget]: the candidates of the budget allocator (compile --budget; AllocateConfig in passes/allocate.py)."""
     bits_choices: tuple = (2, 3, 4, 5, 6, 7, 8)
-    clip_k_choices: tuple = (2.5, 3.5, 5.0, 7.0, 10.0, 14.0)   # std clips k (step = k·σ / qmax)
+    clip_k_choices: tuple = (1.5, 2.0, 2.5, 3.5, 5.0, 7.0, 10.0, 14.0)  # std clips k (step = k·σ / qmax)
     group_choices: tuple = (128,)  # scale groups tried besides one scale per row; () for rows only
     lowrank_ranks: tuple = ()      # low-rank correction ranks offered; () for none
     float_option: bool = True      # may a tensor stay f16

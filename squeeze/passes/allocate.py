@@ -36,12 +36,17 @@ import torch
 
 from .. import quant
 from ..dtypes import torch_dtype
-from ..calibrate import PROBE_NOISE
 from ..codecs import rans
 from ..errors import SqueezeError
 from ..state import Plan, State
 from . import gptq, lowrank
 
+# Grids are offered up to an rms error of MAX_NOISE × the weights' std: int2 at its better clips (a Gaussian row at
+# k = 1.5 / 2 / 2.5 loses 0.46 / 0.58 / 0.70 of its std); past that a tensor is mostly erased. Their loss is the same
+# quadratic model as every grid's (sensitivity × weighted mse), extrapolated past the noise the probe measures at
+# (calibrate.PROBE_NOISE = 0.25). Measured on the fixture (BENCHMARKS.md, issue 15): offering them took the drift at
+# 2.5 bits/param from +0.286 to +0.059 bpb and made 2.25 bits/param reachable, at +0.12.
+MAX_NOISE = 0.8
 GPTQ_BATCH_ELEMENTS = 1 << 23  # grids of one tensor refined together, at most this many weights per GPTQ call
 
 
@@ -49,7 +54,7 @@ GPTQ_BATCH_ELEMENTS = 1 << 23  # grids of one tensor refined together, at most t
 class AllocateConfig:
     """The candidates the allocator prices: a recipe's [budget] table (squeeze/recipe.py: BudgetSettings)."""
     bits_choices: tuple = (2, 3, 4, 5, 6, 7, 8)
-    clip_k_choices: tuple = (2.5, 3.5, 5.0, 7.0, 10.0, 14.0)
+    clip_k_choices: tuple = (1.5, 2.0, 2.5, 3.5, 5.0, 7.0, 10.0, 14.0)  # 1.5 and 2: where int2 and int3 are best
     # Low-rank corrections are off by default: their candidates are predicted from the round-to-nearest error, whose
     # top directions GPTQ has already largely removed, so the allocator overpays for them (measured: at equal bytes
     # the drift doubled on the 6.6M-param checkpoint; BENCHMARKS.md). (4, 8, 16, 32) turns them on.
@@ -108,7 +113,7 @@ class Pricing:
         self.e, self.sensitivity, self.hessian, self.keep_errors = e, sensitivity, hessian, keep_errors
         self.w2 = quant.as_matrix(e.tensor)
         self.rows, self.cols = self.w2.shape
-        self.max_mse = (PROBE_NOISE ** 2) * float(self.w2.double().var())  # past the probe, sensitivity·mse guesses
+        self.max_mse = (MAX_NOISE ** 2) * float(self.w2.double().var())
         self.s = lowrank.column_scale(hessian, self.cols)  # sqrt(diag H): the diagonal form's column weights
         self.diagonal_norm = self.rows * float(self.s.square().sum())
         self.s2 = self.s.square().float()  # the column weights of squared errors, for float32 products
@@ -151,7 +156,8 @@ class Pricing:
         """The lower hull of the round-to-nearest grids (width × clip) and, on it, per-group scales."""
         points = [o for bits in config.bits_choices for k in config.clip_k_choices if (o := self.grid(bits, k, 0))]
         if not points:
-            raise SqueezeError(f"{self.e.name}: no candidate grid quantizes it within the calibrated error range")
+            raise SqueezeError(f"{self.e.name}: no candidate grid quantizes it with an rms error within "
+                               f"{MAX_NOISE:g} of its std (add smaller [budget] clip_k_choices or wider bits_choices)")
         for o in lower_hull(points):
             points += [g for group in config.group_choices if 0 < group < self.cols
                        and (g := self.grid(o.bits, o.clip_k, group))]
