@@ -136,7 +136,7 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
     # The written file is re-read and fully decoded (tensor by tensor, keeping none) before it replaces anything.
     write_atomically(output, result.blob, check=check_artifact)
     methods = methods_of(result.state)
-    total, warnings = len(result.blob) + code_bytes, []
+    total, warnings = len(result.blob) + code_bytes, calibration.warnings() if calibration is not None else []
     if budget is None and total > CHALLENGE_LIMIT:
         warnings.append(f"artifact {len(result.blob):,} B + code {code_bytes:,} B = {total:,} B exceeds the "
                         f"challenge's {CHALLENGE_LIMIT:,} B; compile with --budget {CHALLENGE_LIMIT}")

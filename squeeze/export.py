@@ -89,6 +89,8 @@ def export(model: nn.Module, batches, path: str | os.PathLike | None = None, *, 
         seconds["calibration"] = time.perf_counter() - t0
         if stopped:
             warnings.append(stopped)
+        if (thin := calibrate.thin_warning(cal.thin)) is not None:
+            warnings.append(thin)
         measured = {}
         if budget is not None:
             t0 = time.perf_counter()
@@ -228,7 +230,8 @@ def _calibrate(model, batches, run, names, time_limit, show) -> tuple:
                            "to work on (is `forward` the method that runs the model?)")
     source = f"{tokens_all:,} tokens in {done_all} batches" + (f" on {world} ranks" if world > 1 else "")
     return _Calibration(hessians=sums.hessians(), sensitivities={}, sequences=done_all, tokens=tokens_all,
-                        source=source, skipped=sums.unattributed(), batches=batches[:done]), stopped
+                        source=source, skipped=sums.unattributed(), thin=sums.thin(),
+                        batches=batches[:done]), stopped
 
 
 class _ReturnsLoss(Exception):

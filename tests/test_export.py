@@ -78,14 +78,18 @@ def test_time_limit_stops_calibration_and_says_so():
     model, _ = banked_model()
     result = squeeze.export(model, calibration_batches(), recipe=RECIPE, time_limit=0, progress=False)
     assert result.calibration.sequences == 1
-    assert result.warnings == ["calibration stopped at its time limit (0 s) after 1 of 4 batches on this rank"]
+    assert result.warnings == [  # one batch of 2 x 64 rows: fewer than the MLP's 512 columns, which it says too
+        "calibration stopped at its time limit (0 s) after 1 of 4 batches on this rank",
+        "calibration: 25 Hessian(s) from fewer rows than their matrix has columns (fewest: mlp_down_bank[0], 128 rows "
+        "for 512 columns); GPTQ may fit the calibration text and lose elsewhere: calibrate on more tokens"]
 
 
 def test_over_the_challenge_limit_without_a_budget_is_a_warning(monkeypatch):
     monkeypatch.setattr(importlib.import_module("squeeze.export"), "CHALLENGE_LIMIT", 1_000_000)
     model, _ = banked_model()
     result = squeeze.export(model, calibration_batches()[:1], recipe=RECIPE, code=[1000], progress=False)
-    assert len(result.warnings) == 1 and result.warnings[0].startswith(
+    assert len(result.warnings) == 2 and result.warnings[0].startswith("calibration: 25 Hessian(s)")
+    assert result.warnings[1].startswith(
         f"artifact {len(result.blob):,} B + code 1,000 B = {len(result.blob) + 1000:,} B exceeds the challenge's "
         f"1,000,000 B")
 

@@ -128,3 +128,21 @@ def test_gptq_on_cuda_matches_the_cpu(fixture_small, self_calibration):
     gpu = gptq.gptq_codes(w, scale, 7, h, gptq.GPTQConfig(device="cuda"))
     assert gpu.device.type == "cpu" and gpu.dtype == torch.int8
     assert (cpu != gpu).float().mean() < 1e-3
+
+
+@pytest.mark.slow
+def test_a_hessian_of_fewer_rows_than_columns_is_a_warning(tmp_path):
+    """128 calibration tokens for matrices of 256 and 512 columns: every Hessian is rank-deficient. The compile
+    still runs GPTQ (damping keeps it defined) and says so in one line, in --json too."""
+    import json
+    from click.testing import CliRunner
+    from squeeze.cli import main
+    out = tmp_path / "m.sqz"
+    result = CliRunner().invoke(main, [
+        "compile", str(CKPT), "-o", str(out), "--calib", str(FIXTURES / "val_*.bin"), "--calib-tokens", "128",
+        "--calib-seq-len", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    warning = ("calibration: 25 Hessian(s) from fewer rows than their matrix has columns (fewest: "
+               "blocks.0.mlp.proj.weight, 128 rows for 512 columns); GPTQ may fit the calibration text and lose "
+               "elsewhere: calibrate on more tokens")
+    assert json.loads(result.stdout)["warnings"] == [warning]
