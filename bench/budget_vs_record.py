@@ -78,6 +78,9 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--png", default=None)
     ap.add_argument("--bpp", default="2.5,2.75,3,3.5,4,5,6,8", help="bits/param points of the budget curve")
+    ap.add_argument("--model", default="pgolf", help="the checkpoint's architecture, as verify's --model (e.g. "
+                    "fixtures/record_gpt.py:build)")
+    ap.add_argument("--model-config", default=None, help="a JSON file for --model, as verify's --model-config")
     ap.add_argument("--skip-legacy", action="store_true",
                     help="only the fair anchors, squeeze at their bytes and the budget curve")
     ap.add_argument("--quantize-small", action="store_true",
@@ -95,7 +98,8 @@ def main():
     params = sum(t.numel() for t in sd.values())
     t0 = time.perf_counter()
     cal = calibrate.calibration_for(sd, calib=args.calib, seq_len=args.seq_len, n_tokens=args.calib_tokens,
-                                    device="cpu", with_sensitivities=True)
+                                    device="cpu", with_sensitivities=True, model=args.model,
+                                    model_config=args.model_config)
     print(f"checkpoint {args.ckpt}: {params:,} params; calibration {cal.source} in {time.perf_counter() - t0:.1f} s")
     tmp = Path(tempfile.mkdtemp(prefix="squeeze-bench-"))
     ckpt_path = args.ckpt
@@ -105,7 +109,8 @@ def main():
         anchor whose weights need a float artifact to be scored)."""
         path = tmp / f"{len(blob)}.sqz"
         path.write_bytes(blob)
-        r = verify(path, ckpt_path, args.val, args.tokenizer, seq_len=args.seq_len, device="cpu")
+        r = verify(path, ckpt_path, args.val, args.tokenizer, seq_len=args.seq_len, device="cpu", model=args.model,
+                   model_config=args.model_config)
         size = len(blob) if counted is None else counted
         lo, hi = r.drift_interval()
         row = {"label": label, "bytes": size, "bpp": 8 * size / params, "drift": r.drift_bpb,
@@ -253,7 +258,8 @@ def main():
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend()
-        ax.set_title(Path(args.ckpt).name)
+        ax.set_title(f"{Path(args.ckpt).parent.name}/{Path(args.ckpt).name}"
+                     + ("" if args.model == "pgolf" else f" ({Path(args.model.split(':')[0]).name})"))
         fig.tight_layout()
         fig.savefig(args.png, dpi=120)
         print(f"wrote {args.png}")

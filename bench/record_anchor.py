@@ -13,6 +13,8 @@
 - Compressor: brotli-11 with a 16 MB window on every section (the record's PR #1851 family; the lrzip
   per-group form saves ~1.8% more there, at 75 s of serialize time, and is not re-implemented).
 """
+import re
+
 import torch
 
 import squeeze
@@ -51,20 +53,30 @@ def _int4_per_64(b: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def lqer(original: dict, decoded: dict, gptq_names: list) -> tuple[dict, int, list]:
     """(decoded weights with the record's LQER corrections added, the factors' packed bytes, the corrected names):
-    rank LQER_RANK on the LQER_TOP GPTQ matrices with the largest Frobenius error."""
-    errors = {n: (original[n].float() - decoded[n].float()).reshape(quant.matrix_shape(original[n].shape))
-              for n in gptq_names}
+    rank LQER_RANK on the LQER_TOP GPTQ matrices with the largest Frobenius error. A name `bank[i]` is slice i of an
+    N-D parameter (a record's parameter bank), corrected in place of that slice."""
+    errors = {n: (_matrix(original, n).float() - _matrix(decoded, n).float()) for n in gptq_names}
     top = sorted(errors, key=lambda n: -float(errors[n].norm()))[:LQER_TOP]
-    out, total = dict(decoded), 0
+    out, total = {k: v.clone() for k, v in decoded.items()}, 0
     for n in top:
         u, s, vh = torch.linalg.svd(errors[n].double(), full_matrices=False)
         a, b = (u[:, :LQER_RANK] * s[:LQER_RANK]).float(), vh[:LQER_RANK].float()
         a_q, a_bytes = _int2_per_matrix(a)
         b_q, b_bytes = _int4_per_64(b)
         total += a_bytes + b_bytes
-        fixed = decoded[n].float().reshape(errors[n].shape) + a_q @ b_q
-        out[n] = fixed.reshape(decoded[n].shape).to(decoded[n].dtype)
+        target = _matrix(out, n)
+        target.copy_((target.float() + a_q @ b_q).reshape(target.shape).to(target.dtype))
     return out, total, top
+
+
+def _matrix(state_dict: dict, name: str) -> torch.Tensor:
+    """The matrix `name` of a state dict as a view: a 2-D tensor as [R, C], or slice i of an N-D one for `name[i]`."""
+    m = re.fullmatch(r"(.+)\[(\d+)\]", name)
+    if m and name not in state_dict:
+        bank = state_dict[m.group(1)]
+        return bank.reshape(-1, *bank.shape[-2:])[int(m.group(2))]
+    t = state_dict[name]
+    return t.view(quant.matrix_shape(t.shape))
 
 
 FLOAT_EXACT = ('[defaults]\nbits = 8\n[keep_float]\nmax_numel = 1000000000000\ncontrol_dtype = "f32"\n'
