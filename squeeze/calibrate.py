@@ -354,7 +354,8 @@ def fisher_terms(params: dict, names: list, units, logits_of, seed: int = 0, pro
             for k, grad in zip(keys, grads):
                 if grad is not None:
                     sq = grad.detach().double().square()
-                    squares[k] = (sq.reshape(-1, *sq.shape[-2:]).sum((1, 2)) if sq.dim() >= 3 else sq.sum().reshape(1)).cpu()
+                    per_slice = sq.reshape(-1, *sq.shape[-2:]).sum((1, 2)) if sq.dim() >= 3 else sq.sum().reshape(1)
+                    squares[k] = per_slice.cpu()
             rows.append([float(squares[key][index or 0]) if key in squares else 0.0
                          for key, index in slots.values()])
             tokens.append(logits.shape[0])
