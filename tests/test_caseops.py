@@ -83,6 +83,7 @@ def test_counts_are_taken_at_each_targets_position(artifact, lut_counts, tmp_pat
     for x, y in ((twice.original, lut.original), (twice.decoded, lut.decoded)):
         assert x.loss_nats == y.loss_nats and x.bytes == 2 * y.bytes and x.val_bpb == y.val_bpb / 2
     assert twice.drift_bpb == pytest.approx(lut.drift_bpb / 2, rel=1e-12)
+    assert torch.equal(twice.original.windows[:, 2], 2 * lut.original.windows[:, 2])  # per window too
 
     # counts unrelated to the tokens (position mod 7, plus 1): the bytes are exactly those of targets 1..2048
     ramp = np.arange(lut_counts.size) % 7 + 1

@@ -103,6 +103,7 @@ def score(model: torch.nn.Module, stream: torch.Tensor, table: ByteTable, plan: 
         if not score_from.any():
             scored = None
             picked_logits, targets, prev = logits.flatten(0, 1), y.flatten(), x.flatten()
+            counts = None if counts is None else counts.flatten()
         else:  # sliding windows: only the positions no earlier window scored
             scored = positions[None, :] >= torch.from_numpy(score_from).to(device)[:, None]
             picked_logits, targets, prev = logits[scored], y[scored], x[scored]
