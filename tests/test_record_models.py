@@ -283,7 +283,8 @@ def test_a_budget_compile_of_a_banked_record_model_stays_within_budget(fixture_s
     assert {n for n, m in methods.items() if m["method"] != "gptq"} == tables
     assert all(methods[t]["why"] == LOOKUP for t in tables)
     assert report["calibration"]["gptq"] == report["calibration"]["quantized_matrices"] - len(tables)
-    assert sum("_bank[" in n for n in methods) == 6 * L and "tok_emb.weight" in methods
+    # bank slices are matrices of their own; the budget may keep one in f16 where that prices best (04-27 does)
+    assert 5 * L <= sum("_bank[" in n for n in methods) <= 6 * L and "tok_emb.weight" in methods
     decoded = squeeze.load(out)
     assert set(decoded) == set(sd)
     with torch.no_grad():
