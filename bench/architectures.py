@@ -57,10 +57,6 @@ def fixture_module(name: str):
     return module
 
 
-def banked_module():
-    return fixture_module("banked_gpt")
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default=str(ROOT / "fixtures/pgolf_4x256.pt"))
@@ -69,7 +65,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     args = ap.parse_args()
     torch.manual_seed(0)
-    banked_gpt, record_gpt = banked_module(), fixture_module("record_gpt")
+    banked_gpt, record_gpt = fixture_module("banked_gpt"), fixture_module("record_gpt")
     sd = torch.load(args.ckpt, map_location="cpu", weights_only=True)
     tokens = read_shard(args.val)
     half = tokens.size // 2

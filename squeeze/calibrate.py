@@ -33,12 +33,12 @@ class Calibration:
     thin: dict = field(default_factory=dict)  # key -> (rows, columns): Hessians of fewer rows than columns
 
     def warnings(self) -> list:
-        """One line when some Hessians are rank-deficient (thin_warning)."""
-        line = thin_warning(self.thin)
+        """One line when some Hessians are rank-deficient (_thin_warning)."""
+        line = _thin_warning(self.thin)
         return [line] if line else []
 
 
-def thin_warning(thin: dict) -> str | None:
+def _thin_warning(thin: dict) -> str | None:
     """The warning for Hessians built from fewer rows than their matrix has columns: rank-deficient, so GPTQ can fit
     the calibration rows closely and do worse on other text (measured on a record-style fixture: a tied embedding
     calibrated on 64 rows of 256 columns scored 0.055x round-to-nearest's layer loss on those rows and was worse

@@ -89,8 +89,7 @@ def export(model: nn.Module, batches, path: str | os.PathLike | None = None, *, 
         seconds["calibration"] = time.perf_counter() - t0
         if stopped:
             warnings.append(stopped)
-        if (thin := calibrate.thin_warning(cal.thin)) is not None:
-            warnings.append(thin)
+        warnings += cal.warnings()
         measured = {}
         if budget is not None:
             t0 = time.perf_counter()

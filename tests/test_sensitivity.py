@@ -58,10 +58,9 @@ def test_fisher_terms_give_the_same_bits_in_any_order_and_any_split(baseline):
     params = calibrate.checkpoint_parameters(baseline)
     names = ["tok_emb.weight", "blocks.0.mlp.fc.weight", "blocks.1.attn.c_q.weight"]
     units = [t[:, :-1] for t in calibrate.rows_of(TOKENS)]
-    run = lambda ids: baseline(ids)  # noqa: E731
-    plain = calibrate.fisher(params, names, units, run)
-    assert calibrate.fisher(params, names, units[::-1], run) == plain
-    halves = [calibrate.fisher_terms(params, names, units[r::2], run) for r in (1, 0)]
+    plain = calibrate.fisher(params, names, units, baseline)
+    assert calibrate.fisher(params, names, units[::-1], baseline) == plain
+    halves = [calibrate.fisher_terms(params, names, units[r::2], baseline) for r in (1, 0)]
     assert calibrate.fisher_total(calibrate.FisherTerms.joined(halves)) == plain
     assert all(v > 0 for v in plain.values()) and len(set(plain.values())) == 3
 

@@ -38,6 +38,7 @@ from .. import quant
 from ..dtypes import torch_dtype
 from ..codecs import rans
 from ..errors import SqueezeError
+from ..recipe import BudgetSettings
 from ..state import Plan, State
 from . import gptq, lowrank
 
@@ -52,15 +53,16 @@ GPTQ_BATCH_ELEMENTS = 1 << 23  # grids of one tensor refined together, at most t
 
 @dataclass(frozen=True)
 class AllocateConfig:
-    """The candidates the allocator prices: a recipe's [budget] table (squeeze/recipe.py: BudgetSettings)."""
-    bits_choices: tuple = (2, 3, 4, 5, 6, 7, 8)
-    clip_k_choices: tuple = (1.5, 2.0, 2.5, 3.5, 5.0, 7.0, 10.0, 14.0)  # 1.5 and 2: where int2 and int3 are best
-    # Low-rank corrections are off by default: their candidates are predicted from the round-to-nearest error, whose
-    # top directions GPTQ has already largely removed, so the allocator overpays for them (measured: at equal bytes
-    # the drift doubled on the 6.6M-param checkpoint; BENCHMARKS.md). (4, 8, 16, 32) turns them on.
-    lowrank_ranks: tuple = ()
-    group_choices: tuple = (128,)           # scale groups tried besides one scale per row; () for rows only
-    float_option: bool = True               # may a tensor stay f16
+    """The candidates the allocator prices: a recipe's [budget] table, whose defaults (squeeze/recipe.py:
+    BudgetSettings) are these. Clips k 1.5 and 2 are where int2 and int3 are best. Low-rank corrections are off by
+    default: their candidates are predicted from the round-to-nearest error, whose top directions GPTQ has already
+    largely removed, so the allocator overpays for them (measured: at equal bytes the drift doubled on the
+    6.6M-param checkpoint; BENCHMARKS.md). (4, 8, 16, 32) turns them on."""
+    bits_choices: tuple = BudgetSettings.bits_choices
+    clip_k_choices: tuple = BudgetSettings.clip_k_choices
+    lowrank_ranks: tuple = BudgetSettings.lowrank_ranks
+    group_choices: tuple = BudgetSettings.group_choices     # scale groups tried besides one scale per row
+    float_option: bool = BudgetSettings.float_option        # may a tensor stay f16
 
     @staticmethod
     def from_recipe(recipe) -> "AllocateConfig":

@@ -77,16 +77,15 @@ def score(model: torch.nn.Module, stream: torch.Tensor, table: ByteTable, plan: 
     one count per token of `stream`, stream.load_byte_counts), from the count at the target's own position.
 
     Windows are grouped into batches of `batch_size` in plan order and each rank scores a contiguous run of those
-    batches. Per-batch sums (float64 loss, exact integer counts) go into one vector that is summed across ranks and
-    then added up in batch order, so any number of processes gives the single-process result: each batch holds the
-    same windows, whatever the world size.
+    batches. Each window's sums (float64 loss, exact integer counts) go into one [windows, 3] table that is summed
+    across ranks (a rank's rows are zero elsewhere) and then added up exactly (math.fsum), so any number of
+    processes gives the single-process result: each batch holds the same windows, whatever the world size.
     """
     started = time.perf_counter()
     table = table.to(device)
     batches = plan.batches(batch_size)
     mine = dist.split(len(batches), procs)
-    per_batch = torch.zeros(len(batches), 3, dtype=torch.float64, device=device)  # loss, tokens, bytes
-    per_window = torch.zeros(len(plan), 3, dtype=torch.float64, device=device)
+    per_window = torch.zeros(len(plan), 3, dtype=torch.float64, device=device)  # loss, tokens, bytes
     positions = torch.arange(plan.seq_len, device=device)
     offsets = torch.arange(plan.seq_len + 1)
     bar = ProgressBar(progress_label or "", sum(int((plan.seq_len - plan.score_from[batches[b]]).sum()) for b in mine),
@@ -110,9 +109,6 @@ def score(model: torch.nn.Module, stream: torch.Tensor, table: ByteTable, plan: 
             counts = None if counts is None else counts[scored]
         losses = F.cross_entropy(picked_logits.float(), targets, reduction="none")
         target_bytes = table.count(prev, targets) if counts is None else counts
-        per_batch[b, 0] = losses.double().sum()
-        per_batch[b, 1] = targets.numel()
-        per_batch[b, 2] = target_bytes.sum().double()
         columns = torch.stack([losses.double(), torch.ones_like(losses, dtype=torch.float64),
                                target_bytes.double()], dim=-1)
         if scored is None:
@@ -123,8 +119,7 @@ def score(model: torch.nn.Module, stream: torch.Tensor, table: ByteTable, plan: 
                 0, window_of, columns)
         bar.advance(targets.numel())
     bar.close()
-    totals = dist.sum_across(per_batch, procs).cpu()
     windows = dist.sum_across(per_window, procs).cpu()
     seconds = dist.max_across(time.perf_counter() - started, procs, device)
-    return Score(loss_nats=math.fsum(totals[:, 0].tolist()), tokens=int(totals[:, 1].sum().item()),
-                 bytes=int(totals[:, 2].sum().item()), seconds=seconds, windows=windows)
+    return Score(loss_nats=math.fsum(windows[:, 0].tolist()), tokens=int(windows[:, 1].sum().item()),
+                 bytes=int(windows[:, 2].sum().item()), seconds=seconds, windows=windows)
