@@ -217,7 +217,8 @@ def attempt(budget: BudgetState, pool: float, recipe: Recipe, predict: bool, log
     else:
         chosen = choose(budget, pool)
     gptq_config = gptq.GPTQConfig.from_recipe(recipe, budget.planned.device)
-    configs = {"allocate": allocate.Allocation(chosen, round_to_nearest=trial),
+    configs = {"allocate": allocate.Allocation(chosen, round_to_nearest=trial,
+                                               lowrank_spec=budget.config.lowrank_spec),
                "gptq": dataclasses.replace(gptq_config, memo=budget.gptq_memo),
                "encode": dataclasses.replace(encode.EncodeConfig.from_recipe(recipe), memo=budget.encode_memo)}
     state = pipeline.run(dataclasses.replace(budget.planned, recipe=recipe), log=log, after="plan", configs=configs)

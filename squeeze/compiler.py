@@ -86,7 +86,7 @@ def _tensor_object(e: TensorEntry, where: dict) -> dict:
         if e.method_used == "gptq":  # informational, like clip
             t["q"]["method"] = "gptq"
         if e.lowrank is not None:
-            t["q"].update({"rank": e.lowrank[0].shape[1], "ldtype": "f16"})
+            t["q"].update(e.lowrank.header())
         t["codes"], t["scales"] = where[(e.name, "codes")], where[(e.name, "scales")]
         if e.lowrank is not None:
             t["lowrank"] = where[(e.name, "lowrank")]

@@ -10,7 +10,7 @@ nothing else, and clobbers none of the script's names. The helpers are rebuilt o
 Only what the artifact uses: each codec contributes its import and decode lambda (squeeze/codecs/*: DECODER_IMPORT,
 DECODER_EXPR); a codec that needs a loop and the section layout (rans) also contributes DECODER_DEF, which defines
 V(header) -> {section: parts} for the layout, replacing the no-op V of the template. The format's optional features
-(low-rank corrections 1.2, stacks 1.3, fp8 dtype codes 1.3) are emitted only for an artifact that uses them; a decoder
+(low-rank corrections 1.2, stacks 1.3, fp8 dtype codes 1.3, quantized factors 1.4) are emitted only for an artifact that uses them; a decoder
 reading up to 1.2 or 1.3 without one of them refuses a file that needs it by name ("squeeze: P: stack not in this
 decoder"; "f8" names the fp8 codes), so the version check stays honest.
 
@@ -85,6 +85,19 @@ _LOWRANK = """\
    for j in range(k):w=w+a[j:o:k,None]*a[o+j*x:o+j*x+x]
    R[e]=w.to(d).reshape(s)
 """
+# With quantized factors (1.4, ldtype "i8"): U's codes [r, R] and V's [r, C] as int8, then U's scales (one per
+# component) and V's (per lgroup elements of a row); U (I) and V (J) rebuilt as code·scale, then the same outer
+# products. Its names are ones L reads from no enclosing scope (V is the layout function, A the byte reader, ...).
+_LOWRANK_Q = """\
+   w=c.mul_(z);k=q.get("rank",0);o=y*k
+   if k:
+    b=P(t["lowrank"]);B=q["ldtype"];a=A(b[:o+k*x]if B=="i8"else b,B,-1).float()
+    if B=="i8":M=q["lgroup"]or x;O=A(b[o+k*x:],q["lsdtype"],-1).float();I=a[:o].reshape(k,y)*O[:k,None];\
+J=a[o:].reshape(k,x)*O[k:].reshape(k,-1)[:,torch.arange(x)//M]
+    else:I=a[:o].reshape(y,k).T;J=a[o:].reshape(k,x)
+   for j in range(k):w=w+I[j,:,None]*J[j]
+   R[e]=w.to(d).reshape(s)
+"""
 # A stack (1.3) is its slices, decoded before it, concatenated and reshaped; the slices leave R, so the result keeps
 # only the checkpoint's tensors.
 _STACK = ('   if"stack"in t:R[e]=torch.cat([R.pop(n).reshape(-1)for n in t["stack"]]'
@@ -113,7 +126,8 @@ def emit(codec_names, minor: int = 1, fp8: bool = False, lowrank: bool | None = 
          stack: bool | None = None) -> str:
     """Decoder source for artifacts of format 1.0 to 1.`minor` whose header and sections use only `codec_names`.
 
-    Features: `lowrank` (1.2 low-rank corrections; default: minor >= 2), `stack` (1.3 stacks; default: minor >= 3),
+    Features: `lowrank` (1.2 low-rank corrections, and from minor 4 their quantized factors; default: minor >= 2),
+    `stack` (1.3 stacks; default: minor >= 3),
     `fp8` (1.3 fp8 dtype codes; default off). A feature left out costs no bytes in a decoder whose minor is below
     the feature's; otherwise it costs one refusal line, and the decoder refuses a file using it by name."""
     lowrank = minor >= 2 if lowrank is None else lowrank and minor >= 2
@@ -133,7 +147,7 @@ def emit(codec_names, minor: int = 1, fp8: bool = False, lowrank: bool | None = 
     if minor < 2:  # rans's V lists the part keys; a 1.1 decoder refuses a file with "lowrank" parts by its version
         defs = defs.replace(',"lowrank"', "")
     source = _TEMPLATE % {"imports": imports, "codecs": table, "ids": json.dumps(ids, separators=(",", ":")),
-                          "minor": minor, "reconstruct": _LOWRANK if lowrank else _PLAIN,
+                          "minor": minor, "reconstruct": (_LOWRANK_Q if minor >= 4 else _LOWRANK) if lowrank else _PLAIN,
                           "stack": _STACK if stack else "", "result": _RESULT_STACK if stack else _RESULT,
                           "missing": _missing(missing), "f8": _F8 if fp8 else "",
                           "defs": "".join(" " + line for line in defs.splitlines(True)) or " V=lambda H:{}\n"}

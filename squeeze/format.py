@@ -9,14 +9,14 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-from . import codecs, packing
+from . import codecs, factors, packing
 from .packing import unshuffle
 from .dtypes import DTYPES, FLOAT_CODES, FP8_CODES, itemsize
 from .errors import FormatError
 from .quant import matrix_shape, n_groups, numel
 
 MAGIC = b"SQZ\x00"
-VERSION = (1, 3)          # the newest this reader reads; write() puts the lowest that describes the file
+VERSION = (1, 4)          # the newest this reader reads; write() puts the lowest that describes the file
 PREAMBLE = struct.Struct("<4sBBBBIII")   # magic, major, minor, header codec id, reserved, size, raw size, crc
 MAX_HEADER_RAW = 16 << 20
 MAX_SECTION_RAW = (1 << 32) - 1
@@ -36,6 +36,7 @@ STORAGE_FORMS = ("alias", "data", "q", "stack")
 PART_KINDS = ("data", "codes", "scales", "lowrank")
 PARTS_OF_FORM = {"alias": (), "data": ("data",), "q": ("codes", "scales", "lowrank"), "stack": ()}
 LOWRANK_KEYS = ("rank", "ldtype")  # in "q", present exactly when the tensor has a "lowrank" part (1.2)
+QUANTIZED_FACTOR_KEYS = ("lbits", "lgroup", "lsdtype")  # in "q", present exactly when "ldtype" is "i8" (1.4)
 MAX_RANK = 256  # reconstruction costs rank·R·C operations: the bound keeps a hostile file from costing hours
 
 
@@ -63,6 +64,8 @@ def minor_version_of(header: dict) -> int:
 
 def feature_of(t: dict) -> tuple[int, str]:
     """(the minor version a tensor object needs, the feature that needs it)."""
+    if isinstance(t.get("q"), dict) and t["q"].get("ldtype") == "i8":
+        return 4, "quantized low-rank factors"
     if "stack" in t:
         return 3, "a stack of matrix slices"
     fp8 = fp8_code_of(t)
@@ -295,7 +298,7 @@ def expected_part_sizes(t: dict) -> dict:
         sizes = {"codes": packing.packed_size(n, q["bits"], q["pack"]),
                  "scales": rows * n_groups(cols, q["group"]) * itemsize(q["sdtype"])}
         if "rank" in q:
-            sizes["lowrank"] = q["rank"] * (rows + cols) * itemsize(q["ldtype"])
+            sizes["lowrank"] = factors.part_size(q, rows, cols)
         return sizes
     if "data" in t:
         return {"data": n * itemsize(t["store"])}
@@ -463,7 +466,20 @@ def _check_lowrank_fields(t: dict, q: dict, what: str):
     top = max(1, min(rows, cols, MAX_RANK))
     if not _is_int(q["rank"], 1, top):
         raise _bad_field(what, q, "rank", f"an integer in 1..{top} (at most the smaller side and {MAX_RANK})")
-    _require_choice(what, q, "ldtype", SCALE_DTYPES)
+    _require_choice(what, q, "ldtype", SCALE_DTYPES + ("i8",))
+    quantized = [k in q for k in QUANTIZED_FACTOR_KEYS]
+    if q["ldtype"] != "i8":
+        if any(quantized):
+            raise FormatError(f"{what}: 'lbits', 'lgroup' and 'lsdtype' belong to quantized factors (ldtype \"i8\")")
+        return
+    if not all(quantized):
+        raise FormatError(f"{what}: quantized low-rank factors (ldtype \"i8\") need 'lbits', 'lgroup' and 'lsdtype'")
+    bits = q["lbits"]
+    if not (isinstance(bits, list) and len(bits) == 2 and all(_is_int(b, 2, 8) for b in bits)):
+        raise _bad_field(what, q, "lbits", "a list of two integers in 2..8")
+    if not _is_int(q["lgroup"]):
+        raise _bad_field(what, q, "lgroup", "an integer >= 0")
+    _require_choice(what, q, "lsdtype", SCALE_DTYPES)
 
 
 def _check_store_field(t: dict, what: str):

@@ -82,6 +82,8 @@ def scheme_of(t: dict) -> str:
         q = t["q"]
         grain = "row" if q["group"] == 0 else f"g{q['group']}"
         lowrank = f" +r{q['rank']}" if "rank" in q else ""  # the low-rank correction (FORMAT.md 1.2)
+        if q.get("ldtype") == "i8":  # its factors quantized (1.4)
+            lowrank += f" int{q['lbits'][0]}/int{q['lbits'][1]}"
         method = " gptq" if q.get("method") == "gptq" else ""  # informational: how the codes were chosen
         return f"int{q['bits']}/{grain} {q['clip']} {q['pack']}{lowrank}{method}"
     return t["store"] if t["store"] == t["dtype"] else f"{t['store']}←{t['dtype']}"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import format, memory, packing, quant
+from . import factors, format, memory, packing, quant
 from .dtypes import itemsize, tensor_from_bytes, torch_dtype
 from .errors import FormatError
 
@@ -57,14 +57,11 @@ def decode_tensor(art: format.Artifact, t: dict) -> torch.Tensor:
     return quant.dequantize(codes, scales, group, dtype, t["shape"], lowrank_factors(art, t, rows, cols))
 
 
-def lowrank_factors(art: format.Artifact, t: dict, rows: int, cols: int) -> tuple | None:
-    """(U [R, r], V [r, C]) of a tensor's low-rank correction, or None (docs/FORMAT.md, 1.2)."""
+def lowrank_factors(art: format.Artifact, t: dict, rows: int, cols: int):
+    """The factors of a tensor's low-rank correction (squeeze/factors.py), or None (docs/FORMAT.md, 1.2 and 1.4)."""
     if "lowrank" not in t:
         return None
-    q, data = t["q"], art.part(t["lowrank"])
-    cut = rows * q["rank"] * itemsize(q["ldtype"])  # bytes of U
-    return (tensor_from_bytes(data[:cut], q["ldtype"], (rows, q["rank"])),
-            tensor_from_bytes(data[cut:], q["ldtype"], (q["rank"], cols)))
+    return factors.from_part(t["q"], art.part(t["lowrank"]), rows, cols, f"{art.source}: tensor {t['name']}")
 
 
 def _stored_tensors(art: format.Artifact, by_section: bool = False):

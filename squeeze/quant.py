@@ -189,12 +189,12 @@ def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, group: int, dtype: torch.dtype, shape,
                lowrank: tuple | None = None) -> torch.Tensor:
-    """w = float32(q) * float32(scale), plus the low-rank correction if any, cast to dtype, reshaped
+    """w = float32(q) * float32(scale), plus the low-rank correction (factors) if any, cast to dtype, reshaped
     (docs/FORMAT.md reconstruction rule)."""
     cols = codes.shape[1]
     w = codes.to(torch.float32) * _expand(scales.to(torch.float32).reshape(codes.shape[0], -1), group, cols)
-    if lowrank is not None:
-        w = add_lowrank(w, *lowrank)
+    if lowrank is not None:  # squeeze/factors.py: F16Factors or QuantizedFactors
+        w = add_lowrank(w, *lowrank.matrices())
     return w.to(dtype).reshape(tuple(shape))
 
 

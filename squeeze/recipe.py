@@ -33,6 +33,7 @@ from . import codecs
 from .codecs import EncodeParams
 from .errors import RecipeError
 from .format import ROLES
+from .factors import FactorSpec
 from .quant import CLIP_METHODS, QuantSpec
 
 _FLOAT_NAMES = {"fp32": "f32", "f32": "f32", "fp16": "f16", "f16": "f16", "bf16": "bf16", "keep": "keep",
@@ -60,11 +61,18 @@ class TensorSettings:
     codec: str = "auto"            # a codec name, or "auto": the smallest of [encode].candidates
     method: str = "auto"           # rtn | gptq | auto (gptq where compile has calibration Hessians, else rtn)
     lowrank_rank: int = 0          # r > 0: add a rank-r correction of the quantization error (passes/lowrank.py)
+    lowrank_bits_u: int = 0        # 0: f16 factors; 2..8: U's codes (one scale per component) ...
+    lowrank_bits_v: int = 4        # ... and V's codes (one scale per lowrank_group elements of a row)
+    lowrank_group: int = 64
 
     def quant_spec(self) -> QuantSpec:
         value = {"percentile": self.clip_percentile, "std": self.clip_std_k}.get(self.clip, 0.0)
         return QuantSpec(bits=self.bits, group=self.group_size, clip=self.clip, clip_value=value,
                          mse_grid=self.mse_grid, scale_dtype=self.scale_dtype, scale_min=self.scale_min)
+
+    def factor_spec(self) -> FactorSpec:
+        return FactorSpec(ubits=self.lowrank_bits_u, vbits=self.lowrank_bits_v if self.lowrank_bits_u else 0,
+                          group=self.lowrank_group)
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,9 @@ class BudgetSettings:
     clip_k_choices: tuple = (1.5, 2.0, 2.5, 3.5, 5.0, 7.0, 10.0, 14.0)  # std clips k (step = k·σ / qmax)
     group_choices: tuple = (128,)  # scale groups tried besides one scale per row; () for rows only
     lowrank_ranks: tuple = ()      # low-rank correction ranks offered; () for none
+    lowrank_bits_u: int = 4        # their factors' storage, as the [defaults] keys of the same names say
+    lowrank_bits_v: int = 4
+    lowrank_group: int = 64
     float_option: bool = True      # may a tensor stay f16
 
 
@@ -249,6 +260,9 @@ _SETTINGS = {                                                          # [defaul
     "codec": _CODEC,
     "method": _setting(str, ("auto", "rtn", "gptq")),
     "lowrank_rank": _setting(int, lambda v: 0 <= v <= 256, "lowrank_rank must be 0 (none) .. 256 (the format's bound)"),
+    "lowrank_bits_u": _setting(int, lambda v: v == 0 or 2 <= v <= 8, "lowrank_bits_u must be 0 (f16 factors) or 2..8"),
+    "lowrank_bits_v": _setting(int, lambda v: 2 <= v <= 8, "lowrank_bits_v must be 2..8"),
+    "lowrank_group": _setting(int, lambda v: v >= 0, "lowrank_group must be 0 (per row) or positive"),
 }
 _KEEP_FLOAT = {                                                        # KeepFloat
     "max_numel": _field(int, lambda v: v >= 0, "expected a non-negative integer"),
@@ -280,6 +294,9 @@ _BUDGET = {                                                            # BudgetS
                              "expected a non-empty list of positive, finite numbers", lambda v: tuple(map(float, v))),
     "group_choices": _field(list, _each(lambda g: _int(g) and g > 0), "expected a list of positive integers"),
     "lowrank_ranks": _field(list, _each(lambda r: _int(r) and 1 <= r <= 256), "expected a list of integers in 1..256"),
+    "lowrank_bits_u": _field(int, lambda v: v == 0 or 2 <= v <= 8, "expected 0 (f16 factors) or an integer in 2..8"),
+    "lowrank_bits_v": _int_in(2, 8),
+    "lowrank_group": _field(int, lambda v: v >= 0, "expected an integer >= 0"),
     "float_option": _field(bool),
 }
 _TABLES = ("defaults", "keep_float", "encode", "gptq", "roles", "budget")

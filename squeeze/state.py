@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import quant
+from .factors import FactorSpec
 from .recipe import Recipe
 
 
@@ -21,6 +22,7 @@ class Plan:
     codec: str = "auto"
     method: str = "rtn"         # "rtn" | "gptq" (int only): how codes are chosen on the grid the scales define
     lowrank_rank: int = 0       # int only: rank of the correction the lowrank pass adds (0: none)
+    lowrank_spec: FactorSpec = FactorSpec()  # int only: how its factors are stored (f16 or quantized)
     reason: str = ""            # which rule or routing chose this, for inspect
 
 
@@ -36,7 +38,7 @@ class TensorEntry:
     plan: Plan | None = None
     codes: torch.Tensor | None = None       # int8 [R, C], set by `quantize`
     scales: torch.Tensor | None = None
-    lowrank: tuple | None = None            # (U [R, r], V [r, C]) in f16, set by `lowrank`
+    lowrank: object = None                  # factors.F16Factors | QuantizedFactors, set by `lowrank`
     note: str = ""                          # what a refining pass did (e.g. gptq's calibration-loss gain)
     method_used: str = ""                   # int only, set by `gptq` when calibrated: "gptq" | "rtn" (note: why)
     parts: tuple = ()                       # ((kind, bytes), ...), set by `pack`; kind: data|codes|scales|lowrank
@@ -94,7 +96,7 @@ class State:
                 total += sum(len(b) for _, b in e.parts)
             elif e.codes is not None:
                 total += e.codes.numel() + e.scales.numel() * e.scales.element_size()
-                total += sum(f.numel() * f.element_size() for f in e.lowrank or ())
+                total += e.lowrank.nbytes if e.lowrank is not None else 0
             elif e.tensor is not None:
                 total += e.tensor.numel() * e.tensor.element_size()
         return total

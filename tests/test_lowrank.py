@@ -67,7 +67,9 @@ def test_a_correction_in_a_1_1_file_is_refused():
     (lambda h: h["tensors"][0]["q"].update(rank="1"), "'rank' must be an integer in 1..2"),
     (lambda h: (h["tensors"][0].update(shape=[300, 300]), h["tensors"][0]["q"].update(rank=257)),
      "'rank' must be an integer in 1..256"),
-    (lambda h: h["tensors"][0]["q"].update(ldtype="i8"), "'ldtype' must be one of f16, bf16, f32"),
+    (lambda h: h["tensors"][0]["q"].update(ldtype="u8"), "'ldtype' must be one of f16, bf16, f32, i8"),
+    (lambda h: h["tensors"][0]["q"].update(ldtype="i8"), "quantized low-rank factors .* need 'lbits'"),
+    (lambda h: h["tensors"][0]["q"].update(lbits=[4, 4]), "'lbits', 'lgroup' and 'lsdtype' belong to quantized"),
     (lambda h: h["tensors"][0].update(lowrank=[2, 0, 6]), "lowrank is 6 bytes, its shape and scheme imply 8"),
 ])
 def test_malformed_corrections_are_one_line_errors(edit, message):
@@ -121,7 +123,7 @@ def test_correction_lowers_every_layer_loss_and_the_held_out_loss(int3_pair, cal
         h, (rows, cols) = calibration.hessians[e.name], e.codes.shape
         w = e.tensor.reshape(rows, cols).float()
         w_hat = quant.dequantize(e.codes, e.scales, 0, torch.float32, (rows, cols))
-        assert gptq.layer_loss(w, quant.add_lowrank(w_hat, *e.lowrank), h) < gptq.layer_loss(w, w_hat, h)
+        assert gptq.layer_loss(w, quant.add_lowrank(w_hat, *e.lowrank.matrices()), h) < gptq.layer_loss(w, w_hat, h)
     for text in (CALIB_TEXT[:8192], HELDOUT_TEXT[:8192]):
         assert text_loss(squeeze.load(corrected.blob), text) < text_loss(squeeze.load(plain.blob), text)
 
@@ -134,7 +136,7 @@ def test_loader_and_tiny_decoder_apply_the_correction_bit_exactly(int3_pair, tmp
         if e.lowrank is not None:
             rows, cols = e.codes.shape
             w = quant.dequantize(e.codes, e.scales, 0, torch.float32, (rows, cols)).double()
-            u, v = (f.double() for f in e.lowrank)
+            u, v = (f.double() for f in e.lowrank.matrices())
             for k in range(u.shape[1]):  # the format's order, each step rounded to float32 as the spec says
                 w = (w + (u[:, k:k + 1] * v[k:k + 1, :]).float().double()).float().double()
             assert torch.equal(loaded[e.name], w.to(loaded[e.name].dtype).reshape(e.shape))
@@ -148,7 +150,7 @@ def test_without_a_hessian_the_squared_error_is_what_falls(fixture_small):
     assert "lowrank r=4: squared error" in emb.note
     w = emb.tensor.float()
     w_hat = quant.dequantize(emb.codes, emb.scales, 0, torch.float32, w.shape)
-    assert (w - quant.add_lowrank(w_hat, *emb.lowrank)).square().sum() < (w - w_hat).square().sum()
+    assert (w - quant.add_lowrank(w_hat, *emb.lowrank.matrices())).square().sum() < (w - w_hat).square().sum()
 
 
 def test_allocator_offers_corrections_on_its_hull(fixture_sd, calibration):
@@ -162,8 +164,12 @@ def test_allocator_offers_corrections_on_its_hull(fixture_sd, calibration):
     # every hull is convex and falling; the corrections can only improve the trade-off
     for hull in (with_ranks, without):
         assert all(a.bytes < b.bytes and a.loss > b.loss for a, b in zip(hull, hull[1:]))
-    for o in without:
-        assert min(p.loss for p in with_ranks if p.bytes <= o.bytes) <= o.loss
+    for o in without:  # the hull with corrections, interpolated at each byte count, is never above the one without
+        below = [p for p in with_ranks if p.bytes <= o.bytes]
+        above = [p for p in with_ranks if p.bytes >= o.bytes]
+        a, b = below[-1], (above[0] if above else below[-1])
+        mixed = a.loss if b.bytes == a.bytes else a.loss + (b.loss - a.loss) * (o.bytes - a.bytes) / (b.bytes - a.bytes)
+        assert mixed <= o.loss * (1 + 1e-9)
 
 
 def test_recipe_and_qat_guard_the_setting(fixture_sd):

@@ -38,6 +38,7 @@ from .. import quant
 from ..dtypes import torch_dtype
 from ..codecs import rans
 from ..errors import SqueezeError
+from ..factors import FactorSpec
 from ..recipe import BudgetSettings
 from ..state import Plan, State
 from . import gptq, lowrank
@@ -63,13 +64,17 @@ class AllocateConfig:
     lowrank_ranks: tuple = BudgetSettings.lowrank_ranks
     group_choices: tuple = BudgetSettings.group_choices     # scale groups tried besides one scale per row
     float_option: bool = BudgetSettings.float_option        # may a tensor stay f16
+    lowrank_bits_u: int = BudgetSettings.lowrank_bits_u     # how the corrections' factors are stored
+    lowrank_bits_v: int = BudgetSettings.lowrank_bits_v
+    lowrank_group: int = BudgetSettings.lowrank_group
+
+    @property
+    def lowrank_spec(self) -> FactorSpec:
+        return FactorSpec(self.lowrank_bits_u, self.lowrank_bits_v if self.lowrank_bits_u else 0, self.lowrank_group)
 
     @staticmethod
     def from_recipe(recipe) -> "AllocateConfig":
-        b = recipe.budget
-        return AllocateConfig(bits_choices=b.bits_choices, clip_k_choices=b.clip_k_choices,
-                              lowrank_ranks=b.lowrank_ranks, group_choices=b.group_choices,
-                              float_option=b.float_option)
+        return AllocateConfig(**dataclasses.asdict(recipe.budget))
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class Allocation:
     measures what the rest of the artifact costs)."""
     chosen: dict
     round_to_nearest: bool = False
+    lowrank_spec: FactorSpec = FactorSpec()  # how a chosen correction's factors are stored (AllocateConfig's)
 
 
 def coded_bytes(codes: torch.Tensor, scales: torch.Tensor) -> float:
@@ -187,12 +193,24 @@ class Pricing:
                 out.append(dataclasses.replace(o, bytes=coded_bytes(result[0], scales), loss=self.output_loss(layer)))
         return out, results
 
-    def with_lowrank(self, o: Option, ranks) -> list:
-        """Rank-r corrections of the grid's error: r·(R + C) f16 values remove its r largest weighted directions."""
-        energy = lowrank.weighted_svd(self.errors[(o.bits, o.clip_k, o.group)], self.s)[1].square()
-        left = energy.flip(0).cumsum(0).flip(0)  # left[r]: weighted error energy beyond the top r directions
-        return [dataclasses.replace(o, bytes=o.bytes + 2 * r * (self.rows + self.cols),
-                                    loss=o.loss * float(left[r] / left[0]), rank=r) for r in ranks]
+    def with_lowrank(self, o: Option, ranks, spec: FactorSpec, gptq_config: gptq.GPTQConfig | None) -> list:
+        """Rank-r corrections of the grid's error (its GPTQ error where GPTQ priced it), each made as the lowrank pass
+        will make it (squeeze/factors.py's storage, quantized factors fitted and rounded) and priced on what it
+        leaves: the measure of the residual with the full H, and the factors' bytes (codes at their order-0
+        entropy, as for a grid; f16 factors as stored)."""
+        error = self.errors[(o.bits, o.clip_k, o.group)]
+        svd = lowrank.weighted_svd(error, self.s)
+        base = lowrank.output_error(error, self.hessian)
+        out = []
+        for r in ranks:
+            f = lowrank.correction(error, self.hessian, r, spec, gptq_config or gptq.GPTQConfig(), svd=svd)
+            left = lowrank.residual_error(error, f, self.hessian)
+            if not left < base:
+                continue
+            size = f.nbytes if not spec.quantized else (coded_bytes(f.u_codes, f.u_scales)
+                                                        + coded_bytes(f.v_codes, f.v_scales))
+            out.append(dataclasses.replace(o, bytes=o.bytes + size, loss=o.loss * left / base, rank=r))
+        return out
 
     def as_float(self) -> Option | None:
         """Kept f16: bytes the order-0 entropy of its two byte planes, loss that of the f16 rounding."""
@@ -218,7 +236,7 @@ def price(e, sensitivity: float, config: AllocateConfig, hessian: torch.Tensor |
         hull = lower_hull(hull)
     points = list(hull)
     for o in hull if ranks else ():
-        points += p.with_lowrank(o, ranks)
+        points += p.with_lowrank(o, ranks, config.lowrank_spec, gptq_config)
     if config.float_option and (f := p.as_float()) is not None:
         points.append(f)
     hull = lower_hull(points)
@@ -354,13 +372,13 @@ def check_sensitivities(state: State):
                        f"{len(state.sensitivities)}: squeeze.calibrate.matrix_names lists what a budget needs)")
 
 
-def plan_of(plan: Plan, o: Option, round_to_nearest: bool = False) -> Plan:
-    """The tensor's plan with the chosen candidate."""
+def plan_of(plan: Plan, o: Option, round_to_nearest: bool = False, lowrank_spec: FactorSpec = FactorSpec()) -> Plan:
+    """The tensor's plan with the chosen candidate (`lowrank_spec`: how a correction's factors are stored)."""
     reason = f"budget: ~{o.bytes:,.0f} B, predicted ΔL {o.loss:.2e}"
     if o.keep_float:
         return Plan(scheme="float", store="f16", codec=plan.codec, reason=reason)
     spec = dataclasses.replace(plan.quant, bits=o.bits, clip="std", clip_value=o.clip_k, group=o.group)
-    return dataclasses.replace(plan, quant=spec, lowrank_rank=o.rank, reason=reason,
+    return dataclasses.replace(plan, quant=spec, lowrank_rank=o.rank, lowrank_spec=lowrank_spec, reason=reason,
                                method="rtn" if round_to_nearest else plan.method)
 
 
@@ -369,6 +387,7 @@ def run(state: State, config: Allocation | None = None) -> State:
     if config is None:
         return state
     return dataclasses.replace(state, entries=tuple(
-        dataclasses.replace(e, plan=plan_of(e.plan, config.chosen[e.name], config.round_to_nearest))
+        dataclasses.replace(e, plan=plan_of(e.plan, config.chosen[e.name], config.round_to_nearest,
+                                            config.lowrank_spec))
         if e.name in config.chosen else e
         for e in state.entries))

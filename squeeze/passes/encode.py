@@ -21,6 +21,7 @@ from .. import codecs, memory
 from ..codecs import EncodeParams
 from ..format import part_matrix
 from ..dtypes import itemsize
+from ..factors import QuantizedFactors
 from ..packing import joined, shuffle
 from ..state import Section, State
 
@@ -61,7 +62,7 @@ def _group_key(e, kind: str, group_by: str) -> tuple[str, int]:
     elif kind == "scales":
         base, width = f"scales.{p.quant.scale_dtype}", itemsize(p.quant.scale_dtype)
     elif kind == "lowrank":  # never with parts of another kind: a 1.1 reader then refuses the file (FORMAT.md)
-        base, width = "lowrank.f16", 2
+        base, width = ("lowrank.q", 1) if isinstance(e.lowrank, QuantizedFactors) else ("lowrank.f16", 2)
     else:
         base, width = f"{p.scheme}.{p.store}", itemsize(p.store)
     if group_by == "tensor":

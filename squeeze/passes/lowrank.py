@@ -11,14 +11,23 @@ The factors are stored in f16 (docs/FORMAT.md, "low-rank correction") and the de
 a time. The pass measures the correction it actually stores (f16 factors, the format's order of operations) and
 keeps it only if it lowers the layer loss (or, without a Hessian, the squared error); the entry's note says by how
 much.
+
+Quantized factors (plan.lowrank_spec, format 1.4: squeeze/factors.py), about a quarter of the bytes at int4/int4:
+U = P_r·sqrt(Σ_r) is rounded per component (the clip of smallest squared error); then V is fitted to what that U
+can express, V = argmin tr((E − ÛV) H (E − ÛV)ᵀ) = (ÛᵀÛ)⁻¹ÛᵀE (least squares: the minimiser for any H), and
+quantized with one scale per `group` elements of a row, its codes chosen by GPTQ on the layer's Hessian (V's rows
+multiply the same inputs as W's) where that lowers the layer loss, else rounded to nearest.
 """
 import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from .. import factors as stored
 from .. import quant
+from ..factors import FactorSpec
 from ..state import State
+from . import gptq
 
 LOWRANK_DTYPE = torch.float16
 
@@ -42,10 +51,45 @@ def weighted_svd(error: torch.Tensor, s: torch.Tensor):
 
 
 def factors(svd, s: torch.Tensor, rank: int) -> tuple:
-    """(U [R, r], V [r, C]) in the stored dtype from a weighted SVD."""
+    """(U [R, r], V [r, C]) in f16 from a weighted SVD."""
     p, sigma, qt = svd
     root = torch.sqrt(sigma[:rank])
     return (p[:, :rank] * root).to(LOWRANK_DTYPE), ((root[:, None] * qt[:rank]) / s[None, :]).to(LOWRANK_DTYPE)
+
+
+def quantized_factors(error: torch.Tensor, svd, rank: int, spec: FactorSpec, hessian: torch.Tensor | None,
+                      gptq_config: gptq.GPTQConfig) -> stored.QuantizedFactors:
+    """The rank-r correction of `error` with factors on `spec`'s integer grids (module docstring)."""
+    p, sigma, _ = svd
+    u_codes, u_scales = stored.quantize_u((p[:, :rank] * torch.sqrt(sigma[:rank])).float(), spec)
+    u_hat = (u_codes.double() * u_scales.double()[:, None]).t()  # [R, r], exactly what the decoder rebuilds
+    v = torch.linalg.lstsq(u_hat, error.double()).solution.float()  # rank-revealing (gelsy): a zero U column is fine
+    v_spec = stored.v_spec(spec)
+    v_codes, v_scales = quant.quantize(v, v_spec, "low-rank V")
+    best = stored.QuantizedFactors(u_codes, v_codes, u_scales, v_scales, spec.ubits, spec.vbits, spec.group)
+    if hessian is not None and float(torch.trace(hessian)) > 0:
+        step = quant.expand_scales(v_scales, spec.group, v.shape[1]).expand(v.shape)
+        refined = stored.QuantizedFactors(u_codes, gptq.gptq_codes(v, step, v_spec.qmax, hessian, gptq_config),
+                                          u_scales, v_scales, spec.ubits, spec.vbits, spec.group)
+        if residual_error(error, refined, hessian) < residual_error(error, best, hessian):
+            best = refined
+    return best
+
+
+def correction(error: torch.Tensor, hessian: torch.Tensor | None, rank: int, spec: FactorSpec,
+               gptq_config: gptq.GPTQConfig = gptq.GPTQConfig(), config: "LowRankConfig" = None, svd=None):
+    """The stored factors (squeeze/factors.py) of a rank-r correction of `error` [R, C]; `svd`: weighted_svd's, when
+    the caller has it (the allocator prices several ranks on one)."""
+    s = column_scale(hessian, error.shape[1], config or LowRankConfig())
+    svd = weighted_svd(error, s) if svd is None else svd
+    if spec.quantized:
+        return quantized_factors(error, svd, rank, spec, hessian, gptq_config)
+    return stored.F16Factors(*factors(svd, s, rank))
+
+
+def residual_error(error: torch.Tensor, f, hessian: torch.Tensor | None) -> float:
+    """output_error of what is left of `error` after the correction `f`, in the decoder's float32 arithmetic."""
+    return output_error(-quant.add_lowrank(-error.float(), *f.matrices()), hessian)
 
 
 def output_error(error: torch.Tensor, hessian: torch.Tensor | None) -> float:
@@ -58,29 +102,31 @@ def output_error(error: torch.Tensor, hessian: torch.Tensor | None) -> float:
     return float(((delta @ hessian.double()) * delta).sum()) / (delta.shape[0] * float(torch.trace(hessian.double())))
 
 
-def correct(e, hessian: torch.Tensor | None, config: LowRankConfig):
+def correct(e, hessian: torch.Tensor | None, config: LowRankConfig, gptq_config: gptq.GPTQConfig):
     """The entry with a rank-r correction of its quantization error if that lowers the output error, else as it was
     (its note says which)."""
     rows, cols = quant.matrix_shape(e.shape)
     rank = min(e.plan.lowrank_rank, rows, cols)
     w = quant.as_matrix(e.tensor)
-    spec = e.plan.quant
-    w_hat = quant.dequantize(e.codes, e.scales, spec.group, torch.float32, (rows, cols))
-    s = column_scale(hessian, cols, config)
-    u, v = factors(weighted_svd(w - w_hat, s), s, rank)
+    w_hat = quant.dequantize(e.codes, e.scales, e.plan.quant.group, torch.float32, (rows, cols))
+    spec = e.plan.lowrank_spec
+    f = correction(w - w_hat, hessian, rank, spec, gptq_config, config)
+    u, v = f.matrices()
     before = output_error(w - w_hat, hessian)
     after = output_error(w - quant.add_lowrank(w_hat, u, v), hessian)
     what = "layer loss" if hessian is not None else "squared error"
+    form = f" int{spec.ubits}/int{spec.vbits}" if spec.quantized else ""
     note = (e.note + "; ") if e.note else ""
     if not (torch.isfinite(u).all() and torch.isfinite(v).all()) or after >= before:
-        return dataclasses.replace(e, note=note + f"lowrank r={rank} dropped ({what} not lowered)")
-    return dataclasses.replace(e, lowrank=(u, v), note=note + f"lowrank r={rank}: {what} {after / before:.3f}×")
+        return dataclasses.replace(e, note=note + f"lowrank r={rank}{form} dropped ({what} not lowered)")
+    return dataclasses.replace(e, lowrank=f, note=note + f"lowrank r={rank}{form}: {what} {after / before:.3f}×")
 
 
 def run(state: State, config: LowRankConfig = LowRankConfig()) -> State:
+    gptq_config = gptq.GPTQConfig.from_recipe(state.recipe, state.device)
     out = []
     for e in state.entries:
         if e.plan is not None and e.plan.scheme == "int" and e.plan.lowrank_rank > 0 and e.numel > 0:
-            e = correct(e, state.hessian_of(e)[0], config)
+            e = correct(e, state.hessian_of(e)[0], config, gptq_config)
         out.append(e)
     return dataclasses.replace(state, entries=tuple(out))

@@ -19,8 +19,8 @@ def parts_of(e) -> tuple:
     if p.scheme == "int":
         u = (e.codes.to("cpu").numpy().astype("int16") + packing.offset(p.quant.bits)).astype("uint8")
         parts = (("codes", packing.pack(u, p.quant.bits, p.pack)), ("scales", tensor_to_bytes(e.scales)))
-        if e.lowrank is not None:  # U then V, row-major (docs/FORMAT.md)
-            parts += (("lowrank", b"".join(tensor_to_bytes(f.contiguous()) for f in e.lowrank)),)
+        if e.lowrank is not None:  # squeeze/factors.py: the part as docs/FORMAT.md lays it out
+            parts += (("lowrank", e.lowrank.to_bytes()),)
         return parts
     return (("data", tensor_to_bytes(e.tensor.to(torch_dtype(p.store)))),)
 
@@ -32,7 +32,7 @@ def part_sizes(e) -> tuple:
         sizes = (("codes", packing.packed_size(e.codes.numel(), p.quant.bits, p.pack)),
                  ("scales", e.scales.numel() * e.scales.element_size()))
         if e.lowrank is not None:
-            sizes += (("lowrank", sum(f.numel() * f.element_size() for f in e.lowrank)),)
+            sizes += (("lowrank", e.lowrank.nbytes),)
         return sizes
     return (("data", e.tensor.numel() * torch_dtype(p.store).itemsize),)
 

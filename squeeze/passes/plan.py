@@ -27,7 +27,7 @@ def plan_for(name: str, dtype: str, role: str, numel: int, recipe: Recipe, calib
     pack = s.pack if s.pack != "auto" else ("dense" if s.codec == "raw" else "byte")
     method = s.method if s.method != "auto" else ("gptq" if calibrated else "rtn")
     return Plan(scheme="int", quant=s.quant_spec(), pack=pack, codec=s.codec, method=method,
-                lowrank_rank=s.lowrank_rank, reason=why)
+                lowrank_rank=s.lowrank_rank, lowrank_spec=s.factor_spec(), reason=why)
 
 
 def run(state: State, config: PlanConfig) -> State:
