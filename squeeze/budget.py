@@ -45,13 +45,15 @@ class BudgetState:
     config: allocate.AllocateConfig
     screened: dict          # tensor name -> its hull (allocate.Option, cheapest first) as priced so far
     refined: dict           # tensor name -> {grid: Option priced on GPTQ's codes}, for tensors GPTQ will refine
+    corrections: dict = dataclasses.field(default_factory=dict)  # name -> [low-rank Options on refined grids]
     gptq_memo: dict = dataclasses.field(default_factory=dict)  # gptq.memo_key -> (codes, method, note)
     loss_memo: dict = dataclasses.field(default_factory=dict)  # allocate.predicted_loss's, across rounds
     encode_memo: dict = dataclasses.field(default_factory=dict)  # byte compressors' outputs (EncodeConfig.memo)
 
     def options(self) -> dict:
         """Each tensor's hull: its screened candidates, those GPTQ has re-priced replaced by their GPTQ prices."""
-        return {name: allocate.lower_hull([self.refined[name].get(allocate.grid_of(o), o) for o in hull])
+        return {name: allocate.lower_hull([self.refined[name].get(allocate.grid_of(o), o) for o in hull]
+                                          + self.corrections.get(name, []))
                 if name in self.refined else hull for name, hull in self.screened.items()}
 
 
@@ -151,26 +153,17 @@ class Rounds:
 
 def price(planned: State, config: allocate.AllocateConfig, target: int) -> BudgetState:
     """Every tensor the budget decides, priced once on round-to-nearest codes (round-robin across ranks under
-    torchrun). GPTQ re-prices grids lazily, only around where allocations land (`choose`); with low-rank candidates
-    on offer every hull is priced with GPTQ up front (their gain is measured on the refined error)."""
+    torchrun). GPTQ re-prices grids lazily, only around where allocations land (`choose`), and low-rank corrections
+    of a GPTQ-refined tensor are priced there too, on GPTQ's error of each grid it re-prices."""
     allocate.check_sensitivities(planned)
     entries = allocate.allocatable(planned)
-    eager = bool(config.lowrank_ranks)
-
-    def price_one(e):
-        h, gptq_config = planned.hessian_of(e)[0], allocate.gptq_config_for(planned, e)
-        if eager:
-            return allocate.price(e, planned.sensitivities[e.name], config, h, gptq_config)
-        return allocate.Priced(allocate.screen(e, planned.sensitivities[e.name], config, h))
-
-    priced = parallel.map_items(price_one, entries)
-    budget = BudgetState(planned=planned, target=target, config=config,
-                         screened={e.name: p.hull for e, p in zip(entries, priced)},
-                         refined={} if eager else {e.name: {} for e in entries if allocate.refinable(
-                             planned.hessian_of(e)[0], allocate.gptq_config_for(planned, e))})
-    for p in priced:
-        budget.gptq_memo.update(p.gptq_results)
-    return budget
+    refinable = {e.name for e in entries
+                 if allocate.refinable(planned.hessian_of(e)[0], allocate.gptq_config_for(planned, e))}
+    hulls = parallel.map_items(lambda e: allocate.screen(e, planned.sensitivities[e.name], config,
+                                                         planned.hessian_of(e)[0], e.name in refinable), entries)
+    return BudgetState(planned=planned, target=target, config=config,
+                       screened={e.name: hull for e, hull in zip(entries, hulls)},
+                       refined={name: {} for name in refinable})
 
 
 WINDOW = 2  # grids GPTQ re-prices on either side of a tensor's first allocation
@@ -201,9 +194,10 @@ def choose(budget: BudgetState, pool: float) -> dict:
         planned = budget.planned
         results = parallel.map_items(
             lambda n: allocate.refine(entries[n], planned.sensitivities[n], planned.hessian_of(entries[n])[0],
-                                      allocate.gptq_config_for(planned, entries[n]), todo[n]), names)
+                                      allocate.gptq_config_for(planned, entries[n]), todo[n], budget.config), names)
         for name, r in zip(names, results):
             budget.refined[name].update((allocate.grid_of(o), p) for o, p in zip(todo[name], r.hull))
+            budget.corrections.setdefault(name, []).extend(r.corrections)
             budget.gptq_memo.update(r.gptq_results)
 
 

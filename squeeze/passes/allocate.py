@@ -94,6 +94,7 @@ class Priced:
     ({gptq.memo_key: (codes, method, note)}), which the gptq pass then takes instead of recomputing."""
     hull: list
     gptq_results: dict = field(default_factory=dict)
+    corrections: list = field(default_factory=list)  # `refine`'s low-rank candidates on the grids it re-priced
 
 
 @dataclass(frozen=True)
@@ -199,17 +200,16 @@ class Pricing:
         leaves: the measure of the residual with the full H, and the factors' bytes (codes at their order-0
         entropy, as for a grid; f16 factors as stored)."""
         error = self.errors[(o.bits, o.clip_k, o.group)]
-        svd = lowrank.weighted_svd(error, self.s)
-        base = lowrank.output_error(error, self.hessian)
+        residual = lowrank.Residual(error, self.hessian)
         out = []
-        for r in ranks:
-            f = lowrank.correction(error, self.hessian, r, spec, gptq_config or gptq.GPTQConfig(), svd=svd)
-            left = lowrank.residual_error(error, f, self.hessian)
-            if not left < base:
+        for r, f in lowrank.corrections(error, self.hessian, ranks, spec, gptq_config or gptq.GPTQConfig()).items():
+            left = residual.of(f)
+            if not left < residual.base / residual.norm:
                 continue
             size = f.nbytes if not spec.quantized else (coded_bytes(f.u_codes, f.u_scales)
                                                         + coded_bytes(f.v_codes, f.v_scales))
-            out.append(dataclasses.replace(o, bytes=o.bytes + size, loss=o.loss * left / base, rank=r))
+            out.append(dataclasses.replace(o, bytes=o.bytes + size, loss=o.loss * left * residual.norm / residual.base,
+                                           rank=r))
         return out
 
     def as_float(self) -> Option | None:
@@ -228,7 +228,7 @@ def price(e, sensitivity: float, config: AllocateConfig, hessian: torch.Tensor |
     refinements, cheapest first: round-to-nearest grids (width × clip), per-group scales on that hull, GPTQ's codes
     on it when `gptq_config` says the gptq pass will refine the tensor (and it has a Hessian), low-rank corrections
     when the config offers ranks, and f16."""
-    ranks = [r for r in config.lowrank_ranks if r < min(quant.matrix_shape(e.shape))]
+    ranks = ranks_for(e, config)
     p = Pricing(e, sensitivity, hessian, keep_errors=bool(ranks))
     hull, results = p.screened(config), {}
     if refinable(hessian, gptq_config):
@@ -256,20 +256,37 @@ def refinable(hessian: torch.Tensor | None, gptq_config: gptq.GPTQConfig | None)
     return gptq_config is not None and hessian is not None and float(torch.trace(hessian)) > 0
 
 
-def screen(e, sensitivity: float, config: AllocateConfig, hessian: torch.Tensor | None = None) -> list:
+def ranks_for(e, config: AllocateConfig) -> list:
+    """The correction ranks the config offers that fit the tensor (below its smaller side)."""
+    return [r for r in config.lowrank_ranks if r < min(quant.matrix_shape(e.shape))]
+
+
+def screen(e, sensitivity: float, config: AllocateConfig, hessian: torch.Tensor | None = None,
+           refined_later: bool = False) -> list:
     """The round-to-nearest hull with f16 (when offered): `price` before GPTQ, which the budget loop then refines
-    only where its allocations land (squeeze/budget.py)."""
-    p = Pricing(e, sensitivity, hessian)
+    only where its allocations land (squeeze/budget.py). Low-rank corrections, when offered, join here only for a
+    tensor GPTQ will not refine (`refined_later` false): the others get theirs from `refine`, on GPTQ's error."""
+    ranks = [] if refined_later else ranks_for(e, config)
+    p = Pricing(e, sensitivity, hessian, keep_errors=bool(ranks))
     points = p.screened(config)
+    for o in list(points) if ranks else ():
+        points += p.with_lowrank(o, ranks, config.lowrank_spec, None)
     if config.float_option and (f := p.as_float()) is not None:
         points.append(f)
     return lower_hull(points)
 
 
-def refine(e, sensitivity: float, hessian: torch.Tensor, gptq_config: gptq.GPTQConfig, grids: list) -> Priced:
+def refine(e, sensitivity: float, hessian: torch.Tensor, gptq_config: gptq.GPTQConfig, grids: list,
+           config: AllocateConfig = AllocateConfig()) -> Priced:
     """`grids` (round-to-nearest Options of `screen`) re-priced on GPTQ's codes, in the same order, with GPTQ's
-    results for the gptq pass."""
-    return Priced(*Pricing(e, sensitivity, hessian).refined(grids, gptq_config))
+    results for the gptq pass; then, when the config offers ranks, the corrections of those grids' GPTQ errors
+    (`corrections`, one per grid and rank that lowers the loss)."""
+    ranks = ranks_for(e, config)
+    p = Pricing(e, sensitivity, hessian, keep_errors=bool(ranks))
+    hull, results = p.refined(grids, gptq_config)
+    corrections = [c for o in hull for c in p.with_lowrank(o, ranks, config.lowrank_spec, gptq_config)] if ranks \
+        else []
+    return Priced(hull, results, corrections)
 
 
 def grid_of(o: Option) -> tuple:

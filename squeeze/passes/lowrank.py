@@ -57,39 +57,62 @@ def factors(svd, s: torch.Tensor, rank: int) -> tuple:
     return (p[:, :rank] * root).to(LOWRANK_DTYPE), ((root[:, None] * qt[:rank]) / s[None, :]).to(LOWRANK_DTYPE)
 
 
-def quantized_factors(error: torch.Tensor, svd, rank: int, spec: FactorSpec, hessian: torch.Tensor | None,
-                      gptq_config: gptq.GPTQConfig) -> stored.QuantizedFactors:
-    """The rank-r correction of `error` with factors on `spec`'s integer grids (module docstring)."""
+def quantized_factors(error: torch.Tensor, svd, ranks, spec: FactorSpec, hessian: torch.Tensor | None,
+                      gptq_config: gptq.GPTQConfig) -> dict:
+    """{r: the rank-r correction of `error` with factors on `spec`'s integer grids} (module docstring). U's codes
+    have one scale per component, so rank r's are the first r of the largest rank's; the V of every rank go through
+    one GPTQ call as stacked rows (rows are independent given H)."""
     p, sigma, _ = svd
-    u_codes, u_scales = stored.quantize_u((p[:, :rank] * torch.sqrt(sigma[:rank])).float(), spec)
-    u_hat = (u_codes.double() * u_scales.double()[:, None]).t()  # [R, r], exactly what the decoder rebuilds
-    v = torch.linalg.lstsq(u_hat, error.double()).solution.float()  # rank-revealing (gelsy): a zero U column is fine
-    v_spec = stored.v_spec(spec)
-    v_codes, v_scales = quant.quantize(v, v_spec, "low-rank V")
-    best = stored.QuantizedFactors(u_codes, v_codes, u_scales, v_scales, spec.ubits, spec.vbits, spec.group)
-    if hessian is not None and float(torch.trace(hessian)) > 0:
-        step = quant.expand_scales(v_scales, spec.group, v.shape[1]).expand(v.shape)
-        refined = stored.QuantizedFactors(u_codes, gptq.gptq_codes(v, step, v_spec.qmax, hessian, gptq_config),
-                                          u_scales, v_scales, spec.ubits, spec.vbits, spec.group)
-        if residual_error(error, refined, hessian) < residual_error(error, best, hessian):
-            best = refined
-    return best
+    top = max(ranks)
+    u_codes, u_scales = stored.quantize_u((p[:, :top] * torch.sqrt(sigma[:top])).float(), spec)
+    u_hat = (u_codes.double() * u_scales.double()[:, None]).t()  # [R, top], exactly what the decoder rebuilds
+    v_spec, residual = stored.v_spec(spec), Residual(error, hessian)
+    out, fitted = {}, []
+    for r in ranks:
+        v = torch.linalg.lstsq(u_hat[:, :r], error.double()).solution.float()  # gelsy: a zero U column is fine
+        v_codes, v_scales = quant.quantize(v, v_spec, "low-rank V")
+        out[r] = stored.QuantizedFactors(u_codes[:r], v_codes, u_scales[:r], v_scales, spec.ubits, spec.vbits,
+                                         spec.group)
+        fitted.append((v, quant.expand_scales(v_scales, spec.group, v.shape[1]).expand(v.shape)))
+    if hessian is None or not float(torch.trace(hessian)) > 0:
+        return out
+    codes = gptq.gptq_codes(torch.cat([v for v, _ in fitted]), torch.cat([step for _, step in fitted]), v_spec.qmax,
+                            hessian, gptq_config).split(list(ranks))
+    for r, v_codes in zip(ranks, codes):
+        refined = stored.QuantizedFactors(out[r].u_codes, v_codes, out[r].u_scales, out[r].v_scales, spec.ubits,
+                                          spec.vbits, spec.group)
+        if residual.of(refined) < residual.of(out[r]):
+            out[r] = refined
+    return out
 
 
-def correction(error: torch.Tensor, hessian: torch.Tensor | None, rank: int, spec: FactorSpec,
-               gptq_config: gptq.GPTQConfig = gptq.GPTQConfig(), config: "LowRankConfig" = None, svd=None):
-    """The stored factors (squeeze/factors.py) of a rank-r correction of `error` [R, C]; `svd`: weighted_svd's, when
-    the caller has it (the allocator prices several ranks on one)."""
+def corrections(error: torch.Tensor, hessian: torch.Tensor | None, ranks, spec: FactorSpec,
+                gptq_config: gptq.GPTQConfig = gptq.GPTQConfig(), config: "LowRankConfig" = None) -> dict:
+    """{r: the stored factors (squeeze/factors.py) of a rank-r correction of `error` [R, C]} for each of `ranks`."""
     s = column_scale(hessian, error.shape[1], config or LowRankConfig())
-    svd = weighted_svd(error, s) if svd is None else svd
+    svd = weighted_svd(error, s)
     if spec.quantized:
-        return quantized_factors(error, svd, rank, spec, hessian, gptq_config)
-    return stored.F16Factors(*factors(svd, s, rank))
+        return quantized_factors(error, svd, ranks, spec, hessian, gptq_config)
+    return {r: stored.F16Factors(*factors(svd, s, r)) for r in ranks}
 
 
-def residual_error(error: torch.Tensor, f, hessian: torch.Tensor | None) -> float:
-    """output_error of what is left of `error` after the correction `f`, in the decoder's float32 arithmetic."""
-    return output_error(-quant.add_lowrank(-error.float(), *f.matrices()), hessian)
+class Residual:
+    """output_error of what is left of one error E after each of many corrections U·V: E·H is formed once, and a
+    correction then costs r·C² (its V·H) instead of R·C², from tr(E H Eᵀ) − 2 tr(Uᵀ E H Vᵀ) + tr(UᵀU · V H Vᵀ)
+    in float64. For pricing and choosing; the lowrank pass measures what it stores in the decoder's arithmetic."""
+
+    def __init__(self, error: torch.Tensor, hessian: torch.Tensor | None):
+        self.h = None if hessian is None else hessian.double()
+        e = error.double()
+        self.eh = e if self.h is None else e @ self.h
+        self.base = float((self.eh * e).sum())
+        self.norm = e.shape[0] * (e.shape[1] if self.h is None else float(torch.trace(self.h)))
+
+    def of(self, f) -> float:
+        u, v = (m.double() for m in f.matrices())
+        vh = v if self.h is None else v @ self.h
+        left = self.base - 2 * float(((u.t() @ self.eh) * v).sum()) + float(((u.t() @ u) * (vh @ v.t())).sum())
+        return max(left, 0.0) / self.norm
 
 
 def output_error(error: torch.Tensor, hessian: torch.Tensor | None) -> float:
@@ -110,7 +133,7 @@ def correct(e, hessian: torch.Tensor | None, config: LowRankConfig, gptq_config:
     w = quant.as_matrix(e.tensor)
     w_hat = quant.dequantize(e.codes, e.scales, e.plan.quant.group, torch.float32, (rows, cols))
     spec = e.plan.lowrank_spec
-    f = correction(w - w_hat, hessian, rank, spec, gptq_config, config)
+    f = corrections(w - w_hat, hessian, [rank], spec, gptq_config, config)[rank]
     u, v = f.matrices()
     before = output_error(w - w_hat, hessian)
     after = output_error(w - quant.add_lowrank(w_hat, u, v), hessian)
