@@ -109,7 +109,7 @@ class BudgetSettings:
     bits_choices: tuple = (2, 3, 4, 5, 6, 7, 8)
     clip_k_choices: tuple = (1.5, 2.0, 2.5, 3.5, 5.0, 7.0, 10.0, 14.0)  # std clips k (step = k·σ / qmax)
     group_choices: tuple = (128,)  # scale groups tried besides one scale per row; () for rows only
-    lowrank_ranks: tuple = ()      # low-rank correction ranks offered; () for none
+    lowrank_ranks: tuple = (1, 2, 4, 8)  # low-rank correction ranks offered; () for none
     lowrank_bits_u: int = 4        # their factors' storage, as the [defaults] keys of the same names say
     lowrank_bits_v: int = 4
     lowrank_group: int = 64

@@ -158,7 +158,7 @@ def test_allocator_offers_corrections_on_its_hull(fixture_sd, calibration):
     entry = squeeze.compile_state_dict({name: fixture_sd[name]}, parse(INT3.format(rank=0), "x")).state.entry(name)
     hessian = calibration.hessians[name]
     with_ranks = allocate.options_for(entry, 1.0, allocate.AllocateConfig(lowrank_ranks=(4, 8, 16, 32)), hessian)
-    without = allocate.options_for(entry, 1.0, allocate.AllocateConfig(), hessian)
+    without = allocate.options_for(entry, 1.0, allocate.AllocateConfig(lowrank_ranks=()), hessian)
     assert all(o.rank == 0 for o in without)
     assert with_ranks != without and {o.rank for o in with_ranks} <= {0, 4, 8, 16, 32}
     # every hull is convex and falling; the corrections can only improve the trade-off

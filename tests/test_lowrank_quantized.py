@@ -173,8 +173,8 @@ def test_allocator_prices_quantized_corrections_below_f16_ones(fixture_sd, calib
     hessian = calibration.hessians[name]
     p = allocate.Pricing(entry, 1.0, hessian, keep_errors=True)
     grid = p.grid(3, 2.5, 0)
-    f16 = {o.rank: o for o in p.with_lowrank(grid, (4, 16), factors.FactorSpec(), None)}
-    q = {o.rank: o for o in p.with_lowrank(grid, (4, 16), factors.FactorSpec(4, 4, 64), None)}
+    f16 = {o.rank: o for o in p.with_lowrank([grid], (4, 16), factors.FactorSpec(), None)}
+    q = {o.rank: o for o in p.with_lowrank([grid], (4, 16), factors.FactorSpec(4, 4, 64), None)}
     rows, cols = p.rows, p.cols
     for r in (4, 16):
         assert f16[r].bytes - grid.bytes == 2 * r * (rows + cols)

@@ -10,9 +10,9 @@ entropy coding the step, not b, sets the rate — gives, from an actual round-to
            one): white noise of variance v scores v, as in the probe, and an error the inputs never excite scores 0.
 Refinements of the grids on that hull add candidates: the same width and clip with one scale per `group` elements
 of a row instead of per row (a finer clip where a row's parts differ, for more scale bytes); keeping the tensor in
-f16 (bytes: the order-0 entropy of its two byte planes; ΔL: that of the f16 rounding); and, when the config asks for
-them, rank-r corrections (passes/lowrank.py), which add r·(R + C) f16 values and remove the r largest weighted
-singular values of the error.
+f16 (bytes: the order-0 entropy of its two byte planes; ΔL: that of the f16 rounding); and, when the config offers
+ranks, rank-r corrections of a grid's error (passes/lowrank.py), made as the lowrank pass will store them (int4
+factors by default, format 1.4) and priced on their codes' entropy and on the part of the measure they remove.
 Where the gptq pass will refine a tensor, the grids on its round-to-nearest hull are then re-scored on GPTQ's codes
 (their entropy, and ΔL = sensitivity × tr(E H Eᵀ)/(R·tr H), which is v for white noise of variance v): all of them
 in `price`, only those around where its allocations land in the budget loop (`screen`, then `refine`).
@@ -55,10 +55,10 @@ GPTQ_BATCH_ELEMENTS = 1 << 23  # grids of one tensor refined together, at most t
 @dataclass(frozen=True)
 class AllocateConfig:
     """The candidates the allocator prices: a recipe's [budget] table, whose defaults (squeeze/recipe.py:
-    BudgetSettings) are these. Clips k 1.5 and 2 are where int2 and int3 are best. Low-rank corrections are off by
-    default: their candidates are predicted from the round-to-nearest error, whose top directions GPTQ has already
-    largely removed, so the allocator overpays for them (measured: at equal bytes the drift doubled on the
-    6.6M-param checkpoint; BENCHMARKS.md). (4, 8, 16, 32) turns them on."""
+    BudgetSettings) are these. Clips k 1.5 and 2 are where int2 and int3 are best. Low-rank corrections of ranks 1-8
+    with int4 factors (format 1.4) are offered, priced on GPTQ's error of each grid: at the record export's bytes
+    they cut the predicted loss by ~30% on every benchmark checkpoint (BENCHMARKS.md, bench/record_bytes_seeds.py);
+    f16 factors (lowrank_bits_u = 0) cost four times the bytes and lost to finer grids."""
     bits_choices: tuple = BudgetSettings.bits_choices
     clip_k_choices: tuple = BudgetSettings.clip_k_choices
     lowrank_ranks: tuple = BudgetSettings.lowrank_ranks
@@ -194,22 +194,23 @@ class Pricing:
                 out.append(dataclasses.replace(o, bytes=coded_bytes(result[0], scales), loss=self.output_loss(layer)))
         return out, results
 
-    def with_lowrank(self, o: Option, ranks, spec: FactorSpec, gptq_config: gptq.GPTQConfig | None) -> list:
-        """Rank-r corrections of the grid's error (its GPTQ error where GPTQ priced it), each made as the lowrank pass
-        will make it (squeeze/factors.py's storage, quantized factors fitted and rounded) and priced on what it
-        leaves: the measure of the residual with the full H, and the factors' bytes (codes at their order-0
-        entropy, as for a grid; f16 factors as stored)."""
-        error = self.errors[(o.bits, o.clip_k, o.group)]
-        residual = lowrank.Residual(error, self.hessian)
+    def with_lowrank(self, grids: list, ranks, spec: FactorSpec, gptq_config: gptq.GPTQConfig | None) -> list:
+        """Rank-r corrections of each grid's error (its GPTQ error where GPTQ priced it), made as the lowrank pass
+        will make them (squeeze/factors.py's storage, quantized factors fitted and rounded; all grids of the tensor
+        at once) and priced on what each removes from the measure (lowrank.Residual, with the full H) and on the
+        factors' bytes (codes at their order-0 entropy, as for a grid; f16 factors as stored)."""
+        errors = [self.errors[grid_of(o)] for o in grids]
+        made = lowrank.corrections(errors, self.hessian, ranks, spec, gptq_config or gptq.GPTQConfig())
         out = []
-        for r, f in lowrank.corrections(error, self.hessian, ranks, spec, gptq_config or gptq.GPTQConfig()).items():
-            left = residual.of(f)
-            if not left < residual.base / residual.norm:
-                continue
-            size = f.nbytes if not spec.quantized else (coded_bytes(f.u_codes, f.u_scales)
-                                                        + coded_bytes(f.v_codes, f.v_scales))
-            out.append(dataclasses.replace(o, bytes=o.bytes + size, loss=o.loss * left * residual.norm / residual.base,
-                                           rank=r))
+        for o, error, per in zip(grids, errors, made):
+            residual = lowrank.Residual(error, self.hessian)
+            for r, f in per.items():
+                removed = self.sensitivity * residual.removed(f)
+                if not 0 < removed < o.loss:
+                    continue
+                size = f.nbytes if not spec.quantized else (coded_bytes(f.u_codes, f.u_scales)
+                                                            + coded_bytes(f.v_codes, f.v_scales))
+                out.append(dataclasses.replace(o, bytes=o.bytes + size, loss=o.loss - removed, rank=r))
         return out
 
     def as_float(self) -> Option | None:
@@ -235,8 +236,8 @@ def price(e, sensitivity: float, config: AllocateConfig, hessian: torch.Tensor |
         hull, results = p.refined(hull, gptq_config)
         hull = lower_hull(hull)
     points = list(hull)
-    for o in hull if ranks else ():
-        points += p.with_lowrank(o, ranks, config.lowrank_spec, gptq_config)
+    if ranks:
+        points += p.with_lowrank(hull, ranks, config.lowrank_spec, gptq_config)
     if config.float_option and (f := p.as_float()) is not None:
         points.append(f)
     hull = lower_hull(points)
@@ -269,8 +270,8 @@ def screen(e, sensitivity: float, config: AllocateConfig, hessian: torch.Tensor 
     ranks = [] if refined_later else ranks_for(e, config)
     p = Pricing(e, sensitivity, hessian, keep_errors=bool(ranks))
     points = p.screened(config)
-    for o in list(points) if ranks else ():
-        points += p.with_lowrank(o, ranks, config.lowrank_spec, None)
+    if ranks:
+        points += p.with_lowrank(lower_hull(points), ranks, config.lowrank_spec, None)
     if config.float_option and (f := p.as_float()) is not None:
         points.append(f)
     return lower_hull(points)
@@ -284,8 +285,7 @@ def refine(e, sensitivity: float, hessian: torch.Tensor, gptq_config: gptq.GPTQC
     ranks = ranks_for(e, config)
     p = Pricing(e, sensitivity, hessian, keep_errors=bool(ranks))
     hull, results = p.refined(grids, gptq_config)
-    corrections = [c for o in hull for c in p.with_lowrank(o, ranks, config.lowrank_spec, gptq_config)] if ranks \
-        else []
+    corrections = p.with_lowrank(hull, ranks, config.lowrank_spec, gptq_config) if ranks else []
     return Priced(hull, results, corrections)
 
 

@@ -45,9 +45,24 @@ def column_scale(hessian: torch.Tensor | None, cols: int, config: LowRankConfig 
     return s.clamp(min=config.min_column_scale * float(s.mean()) or 1.0)
 
 
-def weighted_svd(error: torch.Tensor, s: torch.Tensor):
-    """(P, Σ, Qᵀ) of error·diag(s), in float64."""
-    return torch.linalg.svd(error.double() * s[None, :], full_matrices=False)
+OVERSAMPLE, POWER_ITERATIONS = 8, 2  # the randomized SVD's extra directions and subspace iterations (Halko et al.)
+
+
+def weighted_svd(error: torch.Tensor, s: torch.Tensor, rank: int | None = None):
+    """(P, Σ, Qᵀ) of error·diag(s), in float64: all of it, or with `rank` its top `rank` directions only, found by a
+    randomized range finder when that is much smaller than the matrix (the allocator prices ranks 1-8 of hundreds of
+    grids; a full SVD of each was most of a budget compile's time). The random directions come from a generator
+    seeded with 0, so compile stays deterministic."""
+    a = error.double() * s[None, :]
+    k = None if rank is None else rank + OVERSAMPLE
+    if k is None or 2 * k > min(a.shape):
+        return torch.linalg.svd(a, full_matrices=False)
+    omega = torch.randn(a.shape[1], k, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(POWER_ITERATIONS):  # sharpens the basis where the spectrum decays slowly (rounding errors do)
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.t() @ basis).Q).Q
+    p, sigma, qt = torch.linalg.svd(basis.t() @ a, full_matrices=False)
+    return (basis @ p)[:, :rank], sigma[:rank], qt[:rank]
 
 
 def factors(svd, s: torch.Tensor, rank: int) -> tuple:
@@ -57,62 +72,73 @@ def factors(svd, s: torch.Tensor, rank: int) -> tuple:
     return (p[:, :rank] * root).to(LOWRANK_DTYPE), ((root[:, None] * qt[:rank]) / s[None, :]).to(LOWRANK_DTYPE)
 
 
-def quantized_factors(error: torch.Tensor, svd, ranks, spec: FactorSpec, hessian: torch.Tensor | None,
-                      gptq_config: gptq.GPTQConfig) -> dict:
-    """{r: the rank-r correction of `error` with factors on `spec`'s integer grids} (module docstring). U's codes
-    have one scale per component, so rank r's are the first r of the largest rank's; the V of every rank go through
-    one GPTQ call as stacked rows (rows are independent given H)."""
+def rounded_factors(error: torch.Tensor, svd, ranks, spec: FactorSpec) -> dict:
+    """{r: (the rank-r correction of `error` with factors on `spec`'s integer grids, V rounded to nearest; V before
+    rounding; each V element's step)} (module docstring). U's codes have one scale per component, so rank r's are
+    the first r of the largest rank's."""
     p, sigma, _ = svd
     top = max(ranks)
     u_codes, u_scales = stored.quantize_u((p[:, :top] * torch.sqrt(sigma[:top])).float(), spec)
     u_hat = (u_codes.double() * u_scales.double()[:, None]).t()  # [R, top], exactly what the decoder rebuilds
-    v_spec, residual = stored.v_spec(spec), Residual(error, hessian)
-    out, fitted = {}, []
+    out = {}
     for r in ranks:
         v = torch.linalg.lstsq(u_hat[:, :r], error.double()).solution.float()  # gelsy: a zero U column is fine
-        v_codes, v_scales = quant.quantize(v, v_spec, "low-rank V")
-        out[r] = stored.QuantizedFactors(u_codes[:r], v_codes, u_scales[:r], v_scales, spec.ubits, spec.vbits,
-                                         spec.group)
-        fitted.append((v, quant.expand_scales(v_scales, spec.group, v.shape[1]).expand(v.shape)))
-    if hessian is None or not float(torch.trace(hessian)) > 0:
-        return out
-    codes = gptq.gptq_codes(torch.cat([v for v, _ in fitted]), torch.cat([step for _, step in fitted]), v_spec.qmax,
-                            hessian, gptq_config).split(list(ranks))
-    for r, v_codes in zip(ranks, codes):
-        refined = stored.QuantizedFactors(out[r].u_codes, v_codes, out[r].u_scales, out[r].v_scales, spec.ubits,
-                                          spec.vbits, spec.group)
-        if residual.of(refined) < residual.of(out[r]):
-            out[r] = refined
+        v_codes, v_scales = quant.quantize(v, stored.v_spec(spec), "low-rank V")
+        out[r] = (stored.QuantizedFactors(u_codes[:r], v_codes, u_scales[:r], v_scales, spec.ubits, spec.vbits,
+                                          spec.group), v, quant.expand_scales(v_scales, spec.group, v.shape[1]))
     return out
 
 
-def corrections(error: torch.Tensor, hessian: torch.Tensor | None, ranks, spec: FactorSpec,
-                gptq_config: gptq.GPTQConfig = gptq.GPTQConfig(), config: "LowRankConfig" = None) -> dict:
-    """{r: the stored factors (squeeze/factors.py) of a rank-r correction of `error` [R, C]} for each of `ranks`."""
-    s = column_scale(hessian, error.shape[1], config or LowRankConfig())
-    svd = weighted_svd(error, s)
+def quantized_factors(errors: list, svds: list, ranks, spec: FactorSpec, hessian: torch.Tensor | None,
+                      gptq_config: gptq.GPTQConfig) -> list:
+    """[{r: the rank-r correction with quantized factors}] of each error of one layer (sharing its Hessian): V
+    rounded to nearest or, where it removes more of the measure, by GPTQ, the V of every error and rank going
+    through one GPTQ call as stacked rows (rows are independent given H, and the call's column loop is its cost)."""
+    rounded = [rounded_factors(e, svd, ranks, spec) for e, svd in zip(errors, svds)]
+    out = [{r: f for r, (f, _, _) in per.items()} for per in rounded]
+    if hessian is None or not float(torch.trace(hessian)) > 0:
+        return out
+    fitted = [(v, step.expand(v.shape)) for per in rounded for _, v, step in per.values()]
+    codes = iter(gptq.gptq_codes(torch.cat([v for v, _ in fitted]), torch.cat([step for _, step in fitted]),
+                                 stored.v_spec(spec).qmax, hessian, gptq_config).split([v.shape[0] for v, _ in fitted]))
+    for error, per in zip(errors, out):
+        residual = Residual(error, hessian)
+        for r, f in per.items():
+            refined = stored.QuantizedFactors(f.u_codes, next(codes), f.u_scales, f.v_scales, spec.ubits,
+                                              spec.vbits, spec.group)
+            if residual.removed(refined) > residual.removed(f):
+                per[r] = refined
+    return out
+
+
+def corrections(errors: list, hessian: torch.Tensor | None, ranks, spec: FactorSpec,
+                gptq_config: gptq.GPTQConfig = gptq.GPTQConfig(), config: "LowRankConfig" = None) -> list:
+    """[{r: the stored factors (squeeze/factors.py) of a rank-r correction of the error}] for each error [R, C] of
+    one layer (the allocator prices the errors of several grids of a tensor together) and each of `ranks`."""
+    s = column_scale(hessian, errors[0].shape[1], config or LowRankConfig())
+    svds = [weighted_svd(e, s, max(ranks)) for e in errors]
     if spec.quantized:
-        return quantized_factors(error, svd, ranks, spec, hessian, gptq_config)
-    return {r: stored.F16Factors(*factors(svd, s, r)) for r in ranks}
+        return quantized_factors(errors, svds, ranks, spec, hessian, gptq_config)
+    return [{r: stored.F16Factors(*factors(svd, s, r)) for r in ranks} for svd in svds]
 
 
 class Residual:
-    """output_error of what is left of one error E after each of many corrections U·V: E·H is formed once, and a
-    correction then costs r·C² (its V·H) instead of R·C², from tr(E H Eᵀ) − 2 tr(Uᵀ E H Vᵀ) + tr(UᵀU · V H Vᵀ)
-    in float64. For pricing and choosing; the lowrank pass measures what it stores in the decoder's arithmetic."""
+    """How much of one error E's output measure tr(E H Eᵀ)/(R·tr H) a correction U·V removes, for many corrections
+    of it: 2 tr(Uᵀ E H Vᵀ) − tr(UᵀU · V H Vᵀ), computed as (UᵀE)·H, so a correction costs r·R·C + r·C² instead of
+    the R·C² of forming E·H (float64). For pricing and choosing; the lowrank pass measures what it stores in the
+    decoder's arithmetic."""
 
     def __init__(self, error: torch.Tensor, hessian: torch.Tensor | None):
+        self.e = error.double()
         self.h = None if hessian is None else hessian.double()
-        e = error.double()
-        self.eh = e if self.h is None else e @ self.h
-        self.base = float((self.eh * e).sum())
-        self.norm = e.shape[0] * (e.shape[1] if self.h is None else float(torch.trace(self.h)))
+        self.norm = self.e.shape[0] * (self.e.shape[1] if self.h is None else float(torch.trace(self.h)))
 
-    def of(self, f) -> float:
+    def removed(self, f) -> float:
         u, v = (m.double() for m in f.matrices())
-        vh = v if self.h is None else v @ self.h
-        left = self.base - 2 * float(((u.t() @ self.eh) * v).sum()) + float(((u.t() @ u) * (vh @ v.t())).sum())
-        return max(left, 0.0) / self.norm
+        ue, vh = u.t() @ self.e, v
+        if self.h is not None:
+            ue, vh = ue @ self.h, v @ self.h
+        return (2 * float((ue * v).sum()) - float(((u.t() @ u) * (vh @ v.t())).sum())) / self.norm
 
 
 def output_error(error: torch.Tensor, hessian: torch.Tensor | None) -> float:
@@ -133,7 +159,7 @@ def correct(e, hessian: torch.Tensor | None, config: LowRankConfig, gptq_config:
     w = quant.as_matrix(e.tensor)
     w_hat = quant.dequantize(e.codes, e.scales, e.plan.quant.group, torch.float32, (rows, cols))
     spec = e.plan.lowrank_spec
-    f = corrections(w - w_hat, hessian, [rank], spec, gptq_config, config)[rank]
+    f = corrections([w - w_hat], hessian, [rank], spec, gptq_config, config)[0][rank]
     u, v = f.matrices()
     before = output_error(w - w_hat, hessian)
     after = output_error(w - quant.add_lowrank(w_hat, u, v), hessian)
