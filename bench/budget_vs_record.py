@@ -88,6 +88,11 @@ def main():
                          "leaves most bytes in fp16); without it, every pipeline keeps tensors of <= 65,536 "
                          "elements fp16, as the records do")
     args = ap.parse_args()
+    if args.png:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:  # found out now, not after the half hour of measurements the plot comes last in
+            ap.error("--png needs matplotlib, which is not installed (pip install matplotlib, or leave out --png)")
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     if args.quantize_small:
         global SMALL_FLOAT, BUDGET_RECIPE
