@@ -3,6 +3,7 @@ recipe) and compiled to a byte budget, each phase timed, on the CPU or CUDA.
 
     python bench/compile_time.py [--device cpu|cuda] [--ckpt CKPT | --shape baseline|record]
         [--calib 'train_*.bin' | --calib-self N] [--calib-tokens 32768] [--bits-per-param 3.5]
+        [--lowrank-ranks "1,2,4,8" | ""]
 
 Without --ckpt the weights have the --shape given, drawn as bench/scale.py draws them (Gaussian, the usual init):
 compile time depends on the shapes, not on what the weights learned. `baseline`: the challenge baseline (9 layers,
@@ -50,6 +51,9 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=32768)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--bits-per-param", type=float, default=3.5)
+    ap.add_argument("--lowrank-ranks", default=None,
+                    help='the budget\'s low-rank correction ranks, e.g. "1,2,4,8" or "" for none (default: the '
+                         'recipe default)')
     args = ap.parse_args()
     if args.calib is None and not args.calib_self:
         ap.error("no calibration data: pass --calib 'train_*.bin' or --calib-self N")
@@ -83,7 +87,9 @@ def main():
     budget = int(args.bits_per_param * params / 8)
     print(f"compile --budget {budget:,} ({args.bits_per_param} bits/param):", flush=True)
     t = time.perf_counter()
-    res = squeeze.compile_to_budget(sd, parse(BUDGET_RECIPE, "budget"), budget, sensitivities=cal.sensitivities,
+    budget_recipe = BUDGET_RECIPE if args.lowrank_ranks is None else \
+        BUDGET_RECIPE + f"[budget]\nlowrank_ranks = [{args.lowrank_ranks}]\n"
+    res = squeeze.compile_to_budget(sd, parse(budget_recipe, "budget"), budget, sensitivities=cal.sensitivities,
                                      hessians=cal.hessians, log=log, device=args.device)
     timings["compile --budget"] = time.perf_counter() - t
     print(f"  {len(res.blob):,} bytes in {timings['compile --budget']:.1f} s (the passes above: one block per "

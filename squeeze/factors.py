@@ -32,6 +32,11 @@ class FactorSpec:
     def quantized(self) -> bool:
         return self.ubits > 0
 
+    @staticmethod
+    def from_keys(lowrank_bits_u: int, lowrank_bits_v: int, lowrank_group: int) -> "FactorSpec":
+        """From a recipe's keys of the same names ([defaults]/[[rules]] or [budget]): U's bits 0 means f16."""
+        return FactorSpec(lowrank_bits_u, lowrank_bits_v if lowrank_bits_u else 0, lowrank_group)
+
 
 @dataclass(frozen=True, eq=False)
 class F16Factors:
@@ -49,7 +54,7 @@ class F16Factors:
         return {"rank": self.rank, "ldtype": "f16"}
 
     def to_bytes(self) -> bytes:  # U then V, row-major
-        return tensor_to_bytes(self.u.contiguous()) + tensor_to_bytes(self.v.contiguous())
+        return tensor_to_bytes(self.u) + tensor_to_bytes(self.v)
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +87,7 @@ class QuantizedFactors:
 
     def to_bytes(self) -> bytes:  # U's codes, V's codes, U's scales, V's scales
         return b"".join([self.u_codes.contiguous().numpy().tobytes(), self.v_codes.contiguous().numpy().tobytes(),
-                         tensor_to_bytes(self.u_scales.contiguous()), tensor_to_bytes(self.v_scales.contiguous())])
+                         tensor_to_bytes(self.u_scales), tensor_to_bytes(self.v_scales)])
 
     @property
     def nbytes(self) -> int:

@@ -71,8 +71,7 @@ class TensorSettings:
                          mse_grid=self.mse_grid, scale_dtype=self.scale_dtype, scale_min=self.scale_min)
 
     def factor_spec(self) -> FactorSpec:
-        return FactorSpec(ubits=self.lowrank_bits_u, vbits=self.lowrank_bits_v if self.lowrank_bits_u else 0,
-                          group=self.lowrank_group)
+        return FactorSpec.from_keys(self.lowrank_bits_u, self.lowrank_bits_v, self.lowrank_group)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from .. import quant
 from ..dtypes import torch_dtype
 from ..codecs import rans
 from ..errors import SqueezeError
-from ..factors import FactorSpec
+from ..factors import F16Factors, FactorSpec
 from ..recipe import BudgetSettings
 from ..state import Plan, State
 from . import gptq, lowrank
@@ -70,7 +70,7 @@ class AllocateConfig:
 
     @property
     def lowrank_spec(self) -> FactorSpec:
-        return FactorSpec(self.lowrank_bits_u, self.lowrank_bits_v if self.lowrank_bits_u else 0, self.lowrank_group)
+        return FactorSpec.from_keys(self.lowrank_bits_u, self.lowrank_bits_v, self.lowrank_group)
 
     @staticmethod
     def from_recipe(recipe) -> "AllocateConfig":
@@ -113,6 +113,14 @@ def coded_bytes(codes: torch.Tensor, scales: torch.Tensor) -> float:
     # the codes' bytes as uint8 (-1 counts as 255): a permutation of the symbols, which the entropy does not see
     counts = torch.bincount(codes.reshape(-1).view(torch.uint8), minlength=256).numpy()
     return rans.entropy_bits(counts) / 8 + scales.numel() * scales.element_size()
+
+
+def factor_bytes(f) -> float:
+    """What a correction's factors cost: quantized ones as a grid's codes and scales (`coded_bytes`), f16 ones as
+    stored."""
+    if isinstance(f, F16Factors):
+        return f.nbytes
+    return coded_bytes(f.u_codes, f.u_scales) + coded_bytes(f.v_codes, f.v_scales)
 
 
 class Pricing:
@@ -208,9 +216,7 @@ class Pricing:
                 removed = self.sensitivity * residual.removed(f)
                 if not 0 < removed < o.loss:
                     continue
-                size = f.nbytes if not spec.quantized else (coded_bytes(f.u_codes, f.u_scales)
-                                                            + coded_bytes(f.v_codes, f.v_scales))
-                out.append(dataclasses.replace(o, bytes=o.bytes + size, loss=o.loss - removed, rank=r))
+                out.append(dataclasses.replace(o, bytes=o.bytes + factor_bytes(f), loss=o.loss - removed, rank=r))
         return out
 
     def as_float(self) -> Option | None:

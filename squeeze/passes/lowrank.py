@@ -46,6 +46,9 @@ def column_scale(hessian: torch.Tensor | None, cols: int, config: LowRankConfig 
 
 
 OVERSAMPLE, POWER_ITERATIONS = 8, 2  # the randomized SVD's extra directions and subspace iterations (Halko et al.)
+# Directions every randomized SVD finds at least: the allocator asks for its largest rank (8 by default) and the
+# lowrank pass for the one chosen, and one sketch width for both makes the pass store the factors that were priced.
+SKETCH_RANK = 8
 
 
 def weighted_svd(error: torch.Tensor, s: torch.Tensor, rank: int | None = None):
@@ -54,7 +57,7 @@ def weighted_svd(error: torch.Tensor, s: torch.Tensor, rank: int | None = None):
     grids; a full SVD of each was most of a budget compile's time). The random directions come from a generator
     seeded with 0, so compile stays deterministic."""
     a = error.double() * s[None, :]
-    k = None if rank is None else rank + OVERSAMPLE
+    k = None if rank is None else max(rank, SKETCH_RANK) + OVERSAMPLE
     if k is None or 2 * k > min(a.shape):
         return torch.linalg.svd(a, full_matrices=False)
     omega = torch.randn(a.shape[1], k, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -62,7 +65,7 @@ def weighted_svd(error: torch.Tensor, s: torch.Tensor, rank: int | None = None):
     for _ in range(POWER_ITERATIONS):  # sharpens the basis where the spectrum decays slowly (rounding errors do)
         basis = torch.linalg.qr(a @ torch.linalg.qr(a.t() @ basis).Q).Q
     p, sigma, qt = torch.linalg.svd(basis.t() @ a, full_matrices=False)
-    return (basis @ p)[:, :rank], sigma[:rank], qt[:rank]
+    return basis @ p[:, :rank], sigma[:rank], qt[:rank]
 
 
 def factors(svd, s: torch.Tensor, rank: int) -> tuple:
