@@ -9,6 +9,11 @@ allocator's predicted loss (sensitivity × tr(E H Eᵀ)/(R·tr H), what `allocat
 increase measured on the validation text with only that tensor decoded (nats/token), and their ratio. The last
 lines compare the sum of the single-tensor measurements with the whole artifact's (interactions between tensors).
 A ratio far from the others marks a tensor the allocator misprices.
+
+With --mirror each tensor is also scored at W − E (its error E = Ŵ − W with the sign flipped), which splits the
+measured change into its even part ((L(W+E) + L(W−E))/2 − L(W): curvature, what the allocator prices) and its odd
+part ((L(W+E) − L(W−E))/2: mostly the validation gradient along E, luck of the error pattern); the summary gives
+the rank correlation of the prediction with each (verify --mirror does the same for a whole artifact).
 """
 import argparse
 import os
@@ -63,6 +68,7 @@ def main():
     ap.add_argument("--model-config", default=None)
     ap.add_argument("--quantize-small", action="store_true")
     ap.add_argument("--top", type=int, default=60)
+    ap.add_argument("--mirror", action="store_true", help="also score W - E: the even/odd split of each change")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     recipe = budget_vs_record.BUDGET_RECIPE
@@ -105,26 +111,42 @@ def main():
         with torch.no_grad():
             p.copy_(new.reshape(p.shape))
         measured = mean_loss(run, windows) - base
+        even = float("nan")
+        if args.mirror:
+            with torch.no_grad():
+                p.copy_((2 * saved.float() - new.float().reshape(p.shape)).to(p.dtype))
+            even = (measured + mean_loss(run, windows) - base) / 2
         with torch.no_grad():
             p.copy_(saved)
         rel = float(error.square().mean() / w.square().mean())
         grid = ("f16" if e.plan.scheme == "float" else
                 f"int{e.plan.quant.bits} k{e.plan.quant.clip_value:g} g{e.plan.quant.group} {e.method_used or ''}"
                 + (f" +r{e.lowrank.rank}" if e.lowrank is not None else ""))
-        rows.append((e.name, grid, e.tensor.numel(), rel, predicted, measured))
-        print(f"  {e.name:<34} {grid:<22} rel.mse {rel:.2e} predicted {predicted:+.5f} measured {measured:+.5f}",
-              flush=True)
+        rows.append((e.name, grid, e.tensor.numel(), rel, predicted, measured, even))
+        print(f"  {e.name:<34} {grid:<22} rel.mse {rel:.2e} predicted {predicted:+.5f} measured {measured:+.5f}"
+              + (f" even {even:+.5f}" if args.mirror else ""), flush=True)
 
     whole = {k: v.float() for k, v in decoded.items()}
     model_q = build(whole, "decoded").eval()
     total = mean_loss(models.logits_fn(model_q, None, args.model), windows) - base
     print(f"\nbase val loss {base:.5f} nats/token")
-    print(f"{'tensor':<34} {'grid':<22} {'numel':>8} {'rel mse':>9} {'predicted':>10} {'measured':>10} {'ratio':>7}")
-    for name, grid, numel, rel, predicted, measured in sorted(rows, key=lambda r: -r[5])[:args.top]:
+    print(f"{'tensor':<34} {'grid':<22} {'numel':>8} {'rel mse':>9} {'predicted':>10} {'measured':>10} {'ratio':>7}"
+          + (f" {'even':>10} {'odd':>10} {'even/pred':>9}" if args.mirror else ""))
+    for name, grid, numel, rel, predicted, measured, even in sorted(rows, key=lambda r: -r[5])[:args.top]:
         ratio = measured / predicted if predicted > 0 else float("nan")
-        print(f"{name:<34} {grid:<22} {numel:>8,} {rel:>9.2e} {predicted:>+10.5f} {measured:>+10.5f} {ratio:>7.2f}")
-    print(f"sum of single-tensor: predicted {sum(r[4] for r in rows):+.5f}, measured {sum(r[5] for r in rows):+.5f}; "
-          f"whole artifact measured {total:+.5f} (allocator's prediction {state.predicted_loss:+.5f})")
+        print(f"{name:<34} {grid:<22} {numel:>8,} {rel:>9.2e} {predicted:>+10.5f} {measured:>+10.5f} {ratio:>7.2f}"
+              + (f" {even:>+10.5f} {measured - even:>+10.5f} {even / predicted:>9.2f}" if args.mirror else ""))
+    print(f"sum of single-tensor: predicted {sum(r[4] for r in rows):+.5f}, measured {sum(r[5] for r in rows):+.5f}"
+          + (f", even {sum(r[6] for r in rows):+.5f}" if args.mirror else "")
+          + f"; whole artifact measured {total:+.5f} (allocator's prediction {state.predicted_loss:+.5f})")
+    predicted = [r[4] for r in rows]
+    print(f"rank correlation with the prediction over {len(rows)} tensors: measured {spearman(predicted, [r[5] for r in rows]):+.2f}"
+          + (f", even part {spearman(predicted, [r[6] for r in rows]):+.2f}" if args.mirror else ""))
+
+
+def spearman(a: list, b: list) -> float:
+    ra, rb = (torch.tensor(x).argsort().argsort().double() for x in (a, b))
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
 if __name__ == "__main__":

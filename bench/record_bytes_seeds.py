@@ -18,6 +18,10 @@ which rounding errors a compile happens to make, whose first-order effect on a s
 different seeds are different error realisations, so the spread of a pipeline's drift across them, and the
 spread of paired differences, are the honest noise floor. The summary gives mean ± sd per pipeline and each
 squeeze pipeline's ratio to the record's mean drift.
+
+Each artifact is also scored at the mirrored weights 2·W − Ŵ (verify's mirror=True; --no-mirror leaves it out),
+and the summary repeats for the even part of the drift ((L(W+E) + L(W−E))/2 − L(W)), from which that first-order
+term cancels: its spread across checkpoints is what is left of the noise.
 """
 import argparse
 import os
@@ -67,11 +71,14 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lowrank", action="append", default=None,
                     help='extra budget variants: "none" or "RANKS:U,V,GROUP" (default: "none")')
+    ap.add_argument("--no-mirror", action="store_true", help="score no mirrored weights (no even part)")
     args = ap.parse_args()
+    mirror = not args.no_mirror
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     variants = ["default"] + (args.lowrank if args.lowrank is not None else ["none"])
-    drifts = {}  # label -> [drift per checkpoint]
-    print(f"{'checkpoint':<28} {'pipeline':<36} {'bytes':>9} {'drift':>9} {'95% bootstrap':>20} {'s':>6}")
+    drifts, evens = {}, {}  # label -> [drift per checkpoint], [its even part per checkpoint]
+    print(f"{'checkpoint':<28} {'pipeline':<36} {'bytes':>9} {'drift':>9} {'95% bootstrap':>20} "
+          + (f"{'even':>9} " if mirror else "") + f"{'s':>6}")
     for ckpt in args.ckpt:
         config_path = ckpt + ".config.json"
         model_config = config_path if os.path.exists(config_path) else None
@@ -86,11 +93,14 @@ def main():
         def measure(label: str, blob: bytes, seconds: float, counted: int | None = None):
             scratch.write_bytes(blob)
             r = verify(scratch, ckpt, args.val, args.tokenizer, seq_len=args.seq_len, device="cpu", model=model,
-                       model_config=model_config)
+                       model_config=model_config, mirror=mirror)
             lo, hi = r.drift_interval()
             drifts.setdefault(label, []).append(r.drift_bpb)
+            if mirror:
+                evens.setdefault(label, []).append(r.drift_even_bpb)
             print(f"{name:<28} {label:<36} {counted or len(blob):>9,} {r.drift_bpb:>+9.5f} "
-                  f"[{lo:+.5f}, {hi:+.5f}] {seconds:>6.0f}", flush=True)
+                  f"[{lo:+.5f}, {hi:+.5f}] " + (f"{r.drift_even_bpb:>+9.5f} " if mirror else "")
+                  + f"{seconds:>6.0f}", flush=True)
 
         t = time.perf_counter()
         res = compiler.compile_state_dict(sd, parse(record_anchor.recipe(SMALL_FLOAT), "record"),
@@ -106,20 +116,27 @@ def main():
             measure(f"squeeze --budget ({variant})", out.blob, time.perf_counter() - t)
         scratch.unlink()
 
-    record = statistics.mean(drifts["record 04-27"])
-    print(f"\nover {len(args.ckpt)} checkpoints: mean ± sd of the drift (val_bpb), and / the record's mean drift")
-    for label, values in drifts.items():
+    summary("the drift (val_bpb)", drifts, len(args.ckpt))
+    if mirror:
+        summary("the even part of the drift", evens, len(args.ckpt))
+
+
+def summary(what: str, per_label: dict, n: int) -> None:
+    """Mean ± sd over the checkpoints of each pipeline's figure, its ratio to the record's mean, and each squeeze
+    variant's paired difference from the default."""
+    record = statistics.mean(per_label["record 04-27"])
+    print(f"\nover {n} checkpoints: mean ± sd of {what}, and / the record's mean")
+    for label, values in per_label.items():
         sd = statistics.stdev(values) if len(values) > 1 else float("nan")
         mean = statistics.mean(values)
         print(f"{label:<36} {mean:+.5f} ± {sd:.5f}   {mean / record:6.3f}x   "
               + " ".join(f"{v:+.5f}" for v in values))
-    base = drifts["squeeze --budget (default)"]
-    for label, values in drifts.items():
+    base = per_label["squeeze --budget (default)"]
+    for label, values in per_label.items():
         if label.startswith("squeeze") and values is not base:
             diff = [b - a for a, b in zip(values, base)]
             sd = statistics.stdev(diff) if len(diff) > 1 else float("nan")
             print(f"default − {label}: {statistics.mean(diff):+.5f} ± {sd:.5f} (paired)")
-
 
 if __name__ == "__main__":
     main()

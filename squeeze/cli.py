@@ -219,6 +219,10 @@ def inspect(artifact, as_json, verify_report):
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available).")
 @click.option("--max-drift", default=None, type=float,
               help="Exit with status 1 when decoded val_bpb exceeds the original's by more than this.")
+@click.option("--mirror", is_flag=True,
+              help="Also score 2*W - decoded (the error with its sign flipped) and split the drift into its even "
+                   "part (curvature, what quantization choices move) and odd part (the validation gradient along "
+                   "the error: luck). One more scoring pass.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Write the JSON report here (default: ARTIFACT.verify.json, where inspect looks for it).")
@@ -226,7 +230,7 @@ def inspect(artifact, as_json, verify_report):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @partial(_friendly, prints_errors=_is_main_rank)
 def verify(artifact, checkpoint, val, tokenizer, val_bytes, model, model_config, forward, seq_len, stride,
-           max_tokens, batch_size, device, max_drift, as_json, report_path, no_report, quiet):
+           max_tokens, batch_size, device, max_drift, mirror, as_json, report_path, no_report, quiet):
     """Score the --ckpt weights and ARTIFACT's decoded weights on the validation shards: val_loss, val_bpb, drift.
 
     The report (the --json document) is also written to ARTIFACT.verify.json, atomically, where `squeeze inspect`
@@ -239,7 +243,8 @@ def verify(artifact, checkpoint, val, tokenizer, val_bytes, model, model_config,
         _check_report_directory(report_path)
     result = verify_artifact(artifact, checkpoint, val, tokenizer, model=model, model_config=model_config,
                              forward=forward, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
-                             batch_size=batch_size, device=device, progress=not quiet, val_bytes=val_bytes)
+                             batch_size=batch_size, device=device, progress=not quiet, val_bytes=val_bytes,
+                             mirror=mirror)
     main_rank = _is_main_rank()
     if main_rank:
         report = verify_record.document(result, max_drift)

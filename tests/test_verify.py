@@ -12,6 +12,7 @@ import squeeze
 from squeeze.data import read_shard
 from squeeze.errors import SqueezeError
 from squeeze.models.pgolf import GPT
+from squeeze.recipe import parse
 from squeeze.verify import verify
 from squeeze.verify.bpb import byte_table, load_tokenizer
 from squeeze.verify.eval import score
@@ -148,6 +149,42 @@ def test_bootstrap_of_drift_is_paired_centred_and_deterministic(prefix_result):
     rows = bootstrap_drifts([prefix_result, prefix_result], samples=200, seed=3)
     assert rows.shape == (200, 2) and np.array_equal(rows[:, 0], rows[:, 1])
     assert abs(float(np.median(rows[:, 0])) - prefix_result.drift_bpb) < (hi - lo) / 2
+
+
+INT4_RTN = '[defaults]\nbits = 4\nclip = "mse"\nmethod = "rtn"\n[encode]\ncodec = "rans"\n'
+
+
+def test_mirror_splits_the_drift_into_its_even_and_odd_parts(fixture_sd, tokens, sp, tmp_path):
+    """mirror=True scores 2·W − Ŵ as well: that score equals the plain loop on those weights built here, the even and
+    odd parts add up to the drift exactly, the original and decoded scores are those of a run without it, and the
+    even part of a coarse (int4) artifact is positive: the curvature term of a trained model's loss."""
+    path = tmp_path / "int4.sqz"
+    path.write_bytes(squeeze.compile(fixture_sd, parse(INT4_RTN)))
+    plain = verify(path, CKPT, VAL, TOKENIZER, seq_len=256, max_tokens=PREFIX, device="cpu")
+    r = verify(path, CKPT, VAL, TOKENIZER, seq_len=256, max_tokens=PREFIX, device="cpu", mirror=True)
+    assert plain.mirrored is None and plain.drift_even_bpb is None and plain.drift_odd_bpb is None
+    for a, b in ((r.original, plain.original), (r.decoded, plain.decoded)):
+        assert (a.loss_nats, a.tokens, a.bytes) == (b.loss_nats, b.tokens, b.bytes)
+    decoded = squeeze.load(path)
+    flipped = GPT.from_state_dict({k: 2 * fixture_sd[k].float() - v.float() for k, v in decoded.items()}).eval()
+    loss, bpb = reference(flipped, tokens[:PREFIX + 1], 256, sp)
+    assert abs(r.mirrored.val_loss - loss) < 1e-6 and abs(r.mirrored.val_bpb - bpb) < 1e-6
+    assert r.drift_even_bpb == pytest.approx((r.decoded.val_bpb + r.mirrored.val_bpb) / 2 - r.original.val_bpb)
+    assert r.drift_even_bpb + r.drift_odd_bpb == pytest.approx(r.drift_bpb, abs=1e-12)
+    assert r.drift_even_bpb > 0.005
+    doc = r.to_dict()
+    assert doc["drift"]["even_val_bpb"] == r.drift_even_bpb and doc["mirrored"]["tokens"] == PREFIX
+    assert "mirrored" not in plain.to_dict() and "even_val_bpb" not in plain.to_dict()["drift"]
+    # the bootstrap of each part is centred on it; parts add up in every resample; no part without the mirror
+    from squeeze.verify import bootstrap_drifts
+    rows = {part: bootstrap_drifts([r], samples=200, seed=1, part=part)[:, 0] for part in ("measured", "even", "odd")}
+    assert np.allclose(rows["even"] + rows["odd"], rows["measured"], atol=1e-12)
+    lo, hi = r.drift_interval(part="even")
+    assert lo < r.drift_even_bpb < hi
+    with pytest.raises(SqueezeError, match="the odd part needs results scored with mirror=True"):
+        bootstrap_drifts([plain], part="odd")
+    with pytest.raises(SqueezeError, match="part 'curvature'"):
+        bootstrap_drifts([r], part="curvature")
 
 
 def test_sliding_window_sums_count_each_prediction_once(model, tokens):

@@ -69,6 +69,20 @@ def test_text_report_and_the_max_drift_gate(artifact):
     assert gated.stderr.strip() == f"squeeze: val_bpb drift {report['drift']['val_bpb']:+.6f} exceeds --max-drift 0.0001"
 
 
+def test_mirror_adds_the_mirrored_score_and_the_split(artifact):
+    out = invoke(*verify_args(artifact, *QUICK, "--mirror", "--no-report"))
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines[3:7]] == ["original", "decoded", "mirrored", "drift"]
+    even, odd = float(lines[7].split()[3]), float(lines[7].split()[7])
+    assert lines[7].startswith("drift = even ") and "(curvature) + odd" in lines[7]
+    assert even + odd == pytest.approx(float(lines[6].split()[2]), abs=3e-6)
+    report = json.loads(invoke(*verify_args(artifact, *QUICK, "--mirror", "--json", "--no-report")).stdout)
+    drift = report["drift"]
+    assert drift["even_val_bpb"] + drift["odd_val_bpb"] == pytest.approx(drift["val_bpb"], abs=1e-12)
+    assert report["mirrored"]["tokens"] == 2048
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

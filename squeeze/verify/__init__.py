@@ -26,20 +26,28 @@ from .bpb import byte_table, load_tokenizer
 from .eval import Score, pick_device, precision, score
 from .record import sha256_of
 from .stream import ByteSource, byte_source, load_byte_counts, load_stream, shard_paths
-from .weights import check_same_tensors, decode_with_shipped_decoder
+from .weights import check_same_tensors, decode_with_shipped_decoder, mirrored
 from .windows import plan_windows
 
 
-def bootstrap_drifts(results: list, samples: int = 2000, seed: int = 0) -> np.ndarray:
-    """float64 [samples, len(results)]: each result's drift_bpb recomputed on `samples` resamples (with replacement)
+PARTS = ("measured", "even", "odd")  # which drift: decoded − original, or its halves from mirrored weights
+
+
+def bootstrap_drifts(results: list, samples: int = 2000, seed: int = 0, part: str = "measured") -> np.ndarray:
+    """float64 [samples, len(results)]: each result's drift_bpb (part "measured"; "even" / "odd": drift_even_bpb /
+    drift_odd_bpb, which need results scored with mirror=True) recomputed on `samples` resamples (with replacement)
     of the validation windows, the same resample for every result, so that drifts of several artifacts of one
     checkpoint, scored on the same windows, stay paired (a ratio of two drifts gets its interval from these rows).
     Windows are the unit: within a window tokens are correlated, across windows much less (a window is 1-2K
     tokens of the stream). Deterministic for a seed."""
+    if part not in PARTS:
+        raise SqueezeError(f"bootstrap: part {part!r}, expected one of {', '.join(PARTS)}")
     first = results[0]
     for r in results:
         if r.original.windows is None or r.decoded.windows is None:
             raise SqueezeError("bootstrap: a result without per-window sums (scored by an older verify)")
+        if part != "measured" and (r.mirrored is None or r.mirrored.windows is None):
+            raise SqueezeError(f"bootstrap: the {part} part needs results scored with mirror=True")
         if not torch.equal(r.original.windows, first.original.windows):
             raise SqueezeError("bootstrap: the results were not scored on the same windows of the same checkpoint")
     n = first.original.windows.shape[0]
@@ -47,9 +55,18 @@ def bootstrap_drifts(results: list, samples: int = 2000, seed: int = 0) -> np.nd
     byte_totals = counts @ first.original.windows[:, 2]
     out = np.empty((samples, len(results)))
     for j, r in enumerate(results):
-        extra_nats = counts @ (r.decoded.windows[:, 0] - r.original.windows[:, 0])
+        extra_nats = counts @ _window_drift_nats(r, part)
         out[:, j] = (extra_nats / (math.log(2) * byte_totals)).numpy()
     return out
+
+
+def _window_drift_nats(r, part: str) -> torch.Tensor:
+    """Each window's loss change (nats) of one part of the drift."""
+    decoded, original = r.decoded.windows[:, 0], r.original.windows[:, 0]
+    if part == "measured":
+        return decoded - original
+    mirror = r.mirrored.windows[:, 0]
+    return (decoded + mirror) / 2 - original if part == "even" else (decoded - mirror) / 2
 
 
 @dataclass(frozen=True)
@@ -72,6 +89,7 @@ class VerifyResult:
     max_tokens: int | None = None
     tokenizer: str = ""
     byte_source: ByteSource = ByteSource()  # the tokenizer's table, or the CaseOps sidecars the bytes came from
+    mirrored: Score | None = None  # the weights 2·W − Ŵ (mirror=True): the artifact's error with its sign flipped
 
     @property
     def drift_loss(self) -> float:
@@ -82,13 +100,30 @@ class VerifyResult:
         return self.decoded.val_bpb - self.original.val_bpb
 
     @property
+    def drift_even_bpb(self) -> float | None:
+        """The part of the drift even in the error E = Ŵ − W: (L(W + E) + L(W − E)) / 2 − L(W), in bits per byte.
+        The curvature (second-order) term and up: what a quantizer's choices move. None without mirror=True."""
+        if self.mirrored is None:
+            return None
+        return (self.decoded.val_bpb + self.mirrored.val_bpb) / 2 - self.original.val_bpb
+
+    @property
+    def drift_odd_bpb(self) -> float | None:
+        """The part odd in E: (L(W + E) − L(W − E)) / 2, mostly g·E, the validation gradient along the error: of
+        either sign for a given error pattern, zero in expectation over patterns. drift_bpb = even + odd."""
+        if self.mirrored is None:
+            return None
+        return (self.decoded.val_bpb - self.mirrored.val_bpb) / 2
+
+    @property
     def bits_per_param(self) -> float:
         return 8 * self.artifact_bytes / max(self.params, 1)
 
-    def drift_interval(self, level: float = 0.95, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
-        """The central `level` interval of drift_bpb over a paired bootstrap of the validation windows: what another
-        sample of text of this size could have measured (bootstrap_drifts)."""
-        drifts = bootstrap_drifts([self], samples, seed)[:, 0]
+    def drift_interval(self, level: float = 0.95, samples: int = 2000, seed: int = 0,
+                       part: str = "measured") -> tuple[float, float]:
+        """The central `level` interval of drift_bpb (or of its even/odd part) over a paired bootstrap of the
+        validation windows: what another sample of text of this size could have measured (bootstrap_drifts)."""
+        drifts = bootstrap_drifts([self], samples, seed, part)[:, 0]
         return tuple(float(v) for v in np.quantile(drifts, [(1 - level) / 2, (1 + level) / 2]))
 
     def drift_exceeds(self, max_drift: float) -> bool:
@@ -96,10 +131,16 @@ class VerifyResult:
         return self.drift_bpb > max_drift
 
     def to_dict(self) -> dict:
+        drift = {"val_loss": self.drift_loss, "val_bpb": self.drift_bpb}
+        mirror = {}
+        if self.mirrored is not None:
+            drift.update(even_val_bpb=self.drift_even_bpb, odd_val_bpb=self.drift_odd_bpb)
+            mirror = {"mirrored": self.mirrored.to_dict()}
         return {
             "original": self.original.to_dict(),
             "decoded": self.decoded.to_dict(),
-            "drift": {"val_loss": self.drift_loss, "val_bpb": self.drift_bpb},
+            **mirror,
+            "drift": drift,
             "artifact": {"path": self.artifact, "sha256": self.artifact_sha256, "bytes": self.artifact_bytes,
                          "params": self.params, "bits_per_param": self.bits_per_param},
             "settings": {"checkpoint": self.checkpoint, "val": self.val, "val_files": list(self.val_files),
@@ -114,7 +155,7 @@ class VerifyResult:
 def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUILTIN, model_config=None,
            forward: str | None = None, seq_len: int = 1024, stride: int | None = None,
            max_tokens: int | None = None, batch_size: int = 32, device: str | None = None,
-           progress: bool = False, val_bytes: str | None = None) -> VerifyResult:
+           progress: bool = False, val_bytes: str | None = None, mirror: bool = False) -> VerifyResult:
     """Score the checkpoint's weights and the artifact's decoded weights on the validation shards matching `val`.
 
     model: "pgolf" or "FILE.py:NAME" / "package.module:NAME" (contract in squeeze/verify/models.py).
@@ -127,6 +168,9 @@ def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUI
     val_bytes: a glob of CaseOps byte sidecars (one original-text byte count per token of `val`) to count each
     target's bytes from, or "none" for the tokenizer's table; None: the sidecars X_bytes_NNNNNN.bin beside the token
     shards X_NNNNNN.bin when every shard has one, else the tokenizer's table (stream.byte_source).
+    mirror: also score the weights 2·W − Ŵ (the artifact's error with its sign flipped), which splits the drift into
+    its even part (curvature: what the quantizer controls) and its odd part (the validation gradient along the
+    error: luck of the error pattern). A third scoring pass.
     """
     procs = dist.from_env()
     torch_device = pick_device(device, procs)
@@ -163,6 +207,8 @@ def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUI
     try:
         original = run(original_weights, str(checkpoint), "original")
         decoded = run(decoded_weights, str(artifact), "decoded")
+        mirror_score = (run(mirrored(original_weights, decoded_weights), f"{artifact} (mirrored)", "mirrored")
+                        if mirror else None)
     finally:
         dist.stop(created)
     return VerifyResult(
@@ -170,7 +216,7 @@ def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUI
         params=sum(t.numel() for t in original_weights.values()), checkpoint=str(checkpoint), val=val, model=model,
         seq_len=seq_len, stride=stride, device=str(torch_device), precision=precision(torch_device),
         world_size=procs.world_size, artifact_sha256=sha256_of(blob), val_files=tuple(shard_paths(val)),
-        max_tokens=max_tokens, tokenizer=str(tokenizer), byte_source=bytes_from)
+        max_tokens=max_tokens, tokenizer=str(tokenizer), byte_source=bytes_from, mirrored=mirror_score)
 
 
 __all__ = ["verify", "VerifyResult", "Score", "ByteSource"]

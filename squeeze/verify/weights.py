@@ -7,6 +7,8 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .. import decoder
 from ..errors import FormatError, SqueezeError
 from ..loader import read_artifact
@@ -51,3 +53,19 @@ def decode_with_shipped_decoder(artifact_path) -> dict:
         return module.squeeze_load(path)
     except ValueError as e:  # the tiny decoder reports damage as ValueError("squeeze: ...")
         raise FormatError(f"{path}: the emitted decoder refused it ({e})") from None
+
+
+def mirrored(original: dict, decoded: dict) -> dict:
+    """{name: 2·W − Ŵ}: the checkpoint's weights W moved by the artifact's error Ŵ − W in the opposite direction
+    (float32; tensors that are not floating point as the artifact has them). Scoring W + E and W − E and averaging
+    cancels every odd-order term of the loss change in E, the first-order one g·E above all: on a model whose
+    validation gradient g is not zero (small, under- or over-trained), that term is as likely negative as positive
+    for a given error pattern and can be many times the curvature term a quantizer controls (verify --mirror)."""
+    out = {}
+    for name, w_hat in decoded.items():
+        w = original[name]
+        if w_hat.is_floating_point():
+            out[name] = (2 * w.float() - w_hat.float()).reshape(w_hat.shape)
+        else:
+            out[name] = w_hat
+    return out
