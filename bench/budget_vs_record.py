@@ -46,7 +46,7 @@ import squeeze  # noqa: E402
 from squeeze import calibrate, compiler  # noqa: E402
 from squeeze.passes import allocate  # noqa: E402
 from squeeze.recipe import parse  # noqa: E402
-from squeeze.verify import bootstrap_drifts, verify  # noqa: E402
+from squeeze.verify import Verifier, bootstrap_drifts  # noqa: E402
 import record_anchor  # noqa: E402
 
 SMALL_FLOAT = '[keep_float]\nmax_numel = 65536\ncontrol_dtype = "fp16"\nsmall_dtype = "fp16"\n'
@@ -116,7 +116,8 @@ def main():
                                     model_config=args.model_config)
     print(f"checkpoint {args.ckpt}: {params:,} params; calibration {cal.source} in {time.perf_counter() - t0:.1f} s")
     tmp = Path(tempfile.mkdtemp(prefix="squeeze-bench-"))
-    ckpt_path = args.ckpt
+    verifier = Verifier(args.ckpt, args.val, args.tokenizer, seq_len=args.seq_len, device="cpu", model=args.model,
+                        model_config=args.model_config)  # the checkpoint scored once for every artifact
     mirror = not args.no_mirror
     stat = "even" if mirror else "drift"  # what ranks: the even part of the drift, or the drift as measured
 
@@ -125,8 +126,7 @@ def main():
         anchor whose weights need a float artifact to be scored)."""
         path = tmp / f"{len(blob)}.sqz"
         path.write_bytes(blob)
-        r = verify(path, ckpt_path, args.val, args.tokenizer, seq_len=args.seq_len, device="cpu", model=args.model,
-                   model_config=args.model_config, mirror=mirror)
+        r = verifier.verify(path, mirror=mirror)
         size = len(blob) if counted is None else counted
         lo, hi = r.drift_interval()
         row = {"label": label, "bytes": size, "bpp": 8 * size / params, "drift": r.drift_bpb,

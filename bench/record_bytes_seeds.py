@@ -40,7 +40,7 @@ import squeeze  # noqa: E402
 from squeeze import calibrate, compiler  # noqa: E402
 from squeeze.passes import allocate  # noqa: E402
 from squeeze.recipe import parse  # noqa: E402
-from squeeze.verify import verify  # noqa: E402
+from squeeze.verify import Verifier  # noqa: E402
 import budget_vs_record  # noqa: E402
 import record_anchor  # noqa: E402
 
@@ -89,11 +89,12 @@ def main():
                                         model_config=model_config)
         scratch = Path(ckpt).with_suffix(".bench.sqz")
         name = "/".join(Path(ckpt).parts[-2:])[-28:]  # checkpoints of one script share a file name
+        verifier = Verifier(ckpt, args.val, args.tokenizer, seq_len=args.seq_len, device="cpu", model=model,
+                            model_config=model_config)
 
         def measure(label: str, blob: bytes, seconds: float, counted: int | None = None):
             scratch.write_bytes(blob)
-            r = verify(scratch, ckpt, args.val, args.tokenizer, seq_len=args.seq_len, device="cpu", model=model,
-                       model_config=model_config, mirror=mirror)
+            r = verifier.verify(scratch, mirror=mirror)
             lo, hi = r.drift_interval()
             drifts.setdefault(label, []).append(r.drift_bpb)
             if mirror:

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import squeeze  # noqa: E402
 from squeeze import calibrate  # noqa: E402
 from squeeze.recipe import parse  # noqa: E402
-from squeeze.verify import models, verify  # noqa: E402
+from squeeze.verify import Verifier, models  # noqa: E402
 from squeeze.verify.stream import load_stream  # noqa: E402
 
 RECIPE = ('[defaults]\nbits = 6\nclip = "std"\nclip_std_k = 8.0\n'
@@ -76,6 +76,7 @@ def main():
               f"{np.median(v / probe):.3f}")
 
     tmp = Path(tempfile.mkdtemp(prefix="squeeze-sens-"))
+    verifier = Verifier(args.ckpt, args.val, args.tokenizer, seq_len=args.seq_len, device="cpu")
     print(f"\n{'bits/param':>10} " + " ".join(f"{label:>22}" for label in measured))
     for bpp in (float(x) for x in args.bpp.split(",")):
         budget = int(bpp * params / 8)
@@ -84,7 +85,7 @@ def main():
             blob = squeeze.compile_to_budget(sd, recipe, budget, sensitivities=sens, hessians=hessians).blob
             path = tmp / f"{label.replace(' ', '_')}_{bpp}.sqz"
             path.write_bytes(blob)
-            r = verify(path, args.ckpt, args.val, args.tokenizer, seq_len=args.seq_len, device="cpu")
+            r = verifier.verify(path)
             cells.append(f"{r.drift_bpb:+.5f} ({len(blob):,} B)")
         print(f"{bpp:>10g} " + " ".join(f"{c:>22}" for c in cells), flush=True)
     print("(val_bpb drift of the decoded artifact, measured by verify; bytes in brackets)")

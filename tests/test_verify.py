@@ -13,7 +13,7 @@ from squeeze.data import read_shard
 from squeeze.errors import SqueezeError
 from squeeze.models.pgolf import GPT
 from squeeze.recipe import parse
-from squeeze.verify import verify
+from squeeze.verify import Verifier, verify
 from squeeze.verify.bpb import byte_table, load_tokenizer
 from squeeze.verify.eval import score
 from squeeze.verify.progress import ProgressBar
@@ -162,6 +162,13 @@ def test_mirror_splits_the_drift_into_its_even_and_odd_parts(fixture_sd, tokens,
     path.write_bytes(squeeze.compile(fixture_sd, parse(INT4_RTN)))
     plain = verify(path, CKPT, VAL, TOKENIZER, seq_len=256, max_tokens=PREFIX, device="cpu")
     r = verify(path, CKPT, VAL, TOKENIZER, seq_len=256, max_tokens=PREFIX, device="cpu", mirror=True)
+    # a Verifier scores the checkpoint once and gives each artifact verify()'s figures
+    verifier = Verifier(CKPT, VAL, TOKENIZER, seq_len=256, max_tokens=PREFIX, device="cpu")
+    again = [verifier.verify(path, mirror=True), verifier.verify(path)]
+    assert again[0].original is again[1].original and again[1].mirrored is None
+    for got, want in ((again[0].mirrored, r.mirrored), (again[1].decoded, plain.decoded),
+                      (again[1].original, plain.original)):
+        assert (got.loss_nats, got.tokens, got.bytes) == (want.loss_nats, want.tokens, want.bytes)
     assert plain.mirrored is None and plain.drift_even_bpb is None and plain.drift_odd_bpb is None
     for a, b in ((r.original, plain.original), (r.decoded, plain.decoded)):
         assert (a.loss_nats, a.tokens, a.bytes) == (b.loss_nats, b.tokens, b.bytes)

@@ -172,51 +172,73 @@ def verify(artifact, checkpoint, val: str, tokenizer, *, model: str = models.BUI
     its even part (curvature: what the quantizer controls) and its odd part (the validation gradient along the
     error: luck of the error pattern). A third scoring pass.
     """
-    procs = dist.from_env()
-    torch_device = pick_device(device, procs)
-    table = byte_table(load_tokenizer(tokenizer))
-    stream = load_stream(val, table.vocab_size, max_tokens, option="--val")
-    bytes_from = byte_source(val, val_bytes)
-    byte_counts = load_byte_counts(bytes_from, val, max_tokens)
-    plan = plan_windows(stream.numel(), seq_len, stride,
-                        source=val if max_tokens is None else f"{val} (cut by --max-tokens {max_tokens})")
-
-    original_weights = load_checkpoint(checkpoint)
-    check_same_tensors(artifact, checkpoint, original_weights)
-    if model_config is None:
-        config, config_source = {}, "--model-config"
-    elif isinstance(model_config, dict):
-        config, config_source = dict(model_config), "--model-config"
-    else:
-        config, config_source = models.load_model_config(model_config), str(model_config)
-    build = models.resolve(model, config, config_source)
-    decoded_weights = decode_with_shipped_decoder(artifact)
-    blob = Path(artifact).read_bytes()  # readable: it was just decoded
-
-    def run(weights: dict, source: str, label: str) -> Score:
-        net = build(weights, source).to(torch_device).eval()
-        logits = models.logits_fn(net, forward, model)
-        vocab = models.vocab_of(logits, torch_device, model)
-        if vocab != table.vocab_size:
-            raise SqueezeError(f"{tokenizer}: vocabulary of {table.vocab_size} tokens, but the model predicts "
-                               f"{vocab}")
-        return score(logits, stream, table, plan, batch_size=batch_size, device=torch_device, procs=procs,
-                     progress_label=label if progress and procs.is_main else None, byte_counts=byte_counts)
-
-    created = dist.start(procs, torch_device)
-    try:
-        original = run(original_weights, str(checkpoint), "original")
-        decoded = run(decoded_weights, str(artifact), "decoded")
-        mirror_score = (run(mirrored(original_weights, decoded_weights), f"{artifact} (mirrored)", "mirrored")
-                        if mirror else None)
-    finally:
-        dist.stop(created)
-    return VerifyResult(
-        original=original, decoded=decoded, artifact=str(artifact), artifact_bytes=len(blob),
-        params=sum(t.numel() for t in original_weights.values()), checkpoint=str(checkpoint), val=val, model=model,
-        seq_len=seq_len, stride=stride, device=str(torch_device), precision=precision(torch_device),
-        world_size=procs.world_size, artifact_sha256=sha256_of(blob), val_files=tuple(shard_paths(val)),
-        max_tokens=max_tokens, tokenizer=str(tokenizer), byte_source=bytes_from, mirrored=mirror_score)
+    return Verifier(checkpoint, val, tokenizer, model=model, model_config=model_config, forward=forward,
+                    seq_len=seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size, device=device,
+                    progress=progress, val_bytes=val_bytes).verify(artifact, mirror=mirror)
 
 
-__all__ = ["verify", "VerifyResult", "Score", "ByteSource"]
+class Verifier:
+    """One checkpoint on one validation setup, against any number of its artifacts: the stream, byte counts, window
+    plan and model are prepared once and the checkpoint's own weights are scored once (on the first verify), so a
+    benchmark that verifies many artifacts of one checkpoint spends one scoring pass per artifact (two with
+    mirror), not two (three). The arguments are verify()'s; verify(artifact, ...) = Verifier(...).verify(artifact)."""
+
+    def __init__(self, checkpoint, val: str, tokenizer, *, model: str = models.BUILTIN, model_config=None,
+                 forward: str | None = None, seq_len: int = 1024, stride: int | None = None,
+                 max_tokens: int | None = None, batch_size: int = 32, device: str | None = None,
+                 progress: bool = False, val_bytes: str | None = None):
+        self.procs = dist.from_env()
+        self.device = pick_device(device, self.procs)
+        self.table = byte_table(load_tokenizer(tokenizer))
+        self.stream = load_stream(val, self.table.vocab_size, max_tokens, option="--val")
+        self.bytes_from = byte_source(val, val_bytes)
+        self.byte_counts = load_byte_counts(self.bytes_from, val, max_tokens)
+        self.plan = plan_windows(self.stream.numel(), seq_len, stride,
+                                 source=val if max_tokens is None else f"{val} (cut by --max-tokens {max_tokens})")
+        self.original_weights = load_checkpoint(checkpoint)
+        if model_config is None:
+            config, config_source = {}, "--model-config"
+        elif isinstance(model_config, dict):
+            config, config_source = dict(model_config), "--model-config"
+        else:
+            config, config_source = models.load_model_config(model_config), str(model_config)
+        self.build = models.resolve(model, config, config_source)
+        self.checkpoint, self.val, self.tokenizer, self.model, self.forward = checkpoint, val, tokenizer, model, forward
+        self.seq_len, self.stride, self.max_tokens, self.batch_size = seq_len, stride, max_tokens, batch_size
+        self.progress = progress
+        self.original: Score | None = None  # the checkpoint's score, from the first verify
+
+    def _run(self, weights: dict, source: str, label: str) -> Score:
+        net = self.build(weights, source).to(self.device).eval()
+        logits = models.logits_fn(net, self.forward, self.model)
+        vocab = models.vocab_of(logits, self.device, self.model)
+        if vocab != self.table.vocab_size:
+            raise SqueezeError(f"{self.tokenizer}: vocabulary of {self.table.vocab_size} tokens, but the model "
+                               f"predicts {vocab}")
+        return score(logits, self.stream, self.table, self.plan, batch_size=self.batch_size, device=self.device,
+                     procs=self.procs, progress_label=label if self.progress and self.procs.is_main else None,
+                     byte_counts=self.byte_counts)
+
+    def verify(self, artifact, mirror: bool = False) -> VerifyResult:
+        """The checkpoint's score and `artifact`'s decoded (and with mirror, mirrored) weights' scores."""
+        check_same_tensors(artifact, self.checkpoint, self.original_weights)
+        decoded_weights = decode_with_shipped_decoder(artifact)
+        blob = Path(artifact).read_bytes()  # readable: it was just decoded
+        created = dist.start(self.procs, self.device)
+        try:
+            if self.original is None:
+                self.original = self._run(self.original_weights, str(self.checkpoint), "original")
+            decoded = self._run(decoded_weights, str(artifact), "decoded")
+            mirror_score = (self._run(mirrored(self.original_weights, decoded_weights), f"{artifact} (mirrored)",
+                                      "mirrored") if mirror else None)
+        finally:
+            dist.stop(created)
+        return VerifyResult(
+            original=self.original, decoded=decoded, artifact=str(artifact), artifact_bytes=len(blob),
+            params=sum(t.numel() for t in self.original_weights.values()), checkpoint=str(self.checkpoint),
+            val=self.val, model=self.model, seq_len=self.seq_len, stride=self.stride, device=str(self.device),
+            precision=precision(self.device), world_size=self.procs.world_size, artifact_sha256=sha256_of(blob),
+            val_files=tuple(shard_paths(self.val)), max_tokens=self.max_tokens, tokenizer=str(self.tokenizer),
+            byte_source=self.bytes_from, mirrored=mirror_score)
+
+__all__ = ["verify", "Verifier", "VerifyResult", "Score", "ByteSource"]
