@@ -60,6 +60,31 @@ def test_identity_hessian_gives_round_to_nearest():
     assert torch.equal(codes, torch.clamp(torch.round(w / scale), -7, 7).to(torch.int8))
 
 
+def test_rate_aware_rounding_trades_layer_loss_for_entropy(fixture_sd, self_calibration):
+    """gptq.RateTerm on a fixture matrix: λ = 0 gives plain GPTQ's codes; a growing λ lowers the codes' entropy and
+    raises the layer loss, step by step (each choice weighs distortion against code length, nothing else)."""
+    from squeeze.passes import allocate
+    name = "blocks.1.mlp.fc.weight"
+    w, h = fixture_sd[name].float(), self_calibration.hessians[name]
+    spec = squeeze.quant.QuantSpec(bits=4, clip="std", clip_value=3.5)
+    _, scales = squeeze.quant.quantize(w, spec, name)
+    scale = scales.float().reshape(-1, 1).expand_as(w)
+    plain = gptq.gptq_codes(w, scale, spec.qmax, h)
+    counts = torch.bincount((plain.long() + spec.qmax).reshape(-1), minlength=2 * spec.qmax + 1).double()
+    bits = -torch.log2((counts + 0.5) / (counts + 0.5).sum())
+    assert torch.equal(gptq.gptq_codes(w, scale, spec.qmax, h, rate=gptq.RateTerm(bits, 0.0)), plain)
+    per_weight = gptq.layer_loss(w, plain.float() * scale, h) / w.numel()
+    sizes, losses = [], []
+    for t in (0.0, 1.0, 4.0):
+        codes = gptq.gptq_codes(w, scale, spec.qmax, h, rate=gptq.RateTerm(bits, t * per_weight))
+        sizes.append(allocate.coded_bytes(codes, scales))
+        losses.append(gptq.layer_loss(w, codes.float() * scale, h))
+    assert sizes[0] > sizes[1] > sizes[2] and losses[0] < losses[1] < losses[2]
+    assert sizes[2] < 0.98 * sizes[0]
+    with pytest.raises(SqueezeError, match="a rate term needs one int qmax"):
+        gptq.gptq_codes(w, scale, spec.qmax, h, rate=gptq.RateTerm(bits[:-1], 1.0))
+
+
 @pytest.mark.slow
 def test_gptq_never_loses_to_round_to_nearest_and_lowers_the_loss(fixture_sd, text_calibration):
     """Per layer, never worse than round-to-nearest on the calibration inputs (by construction); for the model,

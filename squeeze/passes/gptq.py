@@ -47,11 +47,27 @@ def layer_loss(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> f
 SUB = 16  # columns rounded one by one between two products (see gptq_codes)
 
 
+@dataclass(frozen=True)
+class RateTerm:
+    """Rate-aware rounding (RDOQ, as DeepCABAC/NNCodec do): each weight's code is the one of {floor, ceil, 0} with
+    the least distortion + lam × code length, instead of the nearest. Distortion is GPTQ's own: the layer loss the
+    choice adds once the later columns compensate it, ((w − q·s) / U_ii)²; the code length of code c is
+    `code_bits[c + qmax]` (bits, e.g. −log2 of its frequency in the plain GPTQ codes). lam: layer loss per bit."""
+    code_bits: torch.Tensor  # [2·qmax + 1]
+    lam: float
+
+
 def gptq_codes(w: torch.Tensor, scale_full: torch.Tensor, qmax, hessian: torch.Tensor,
-               config: GPTQConfig = GPTQConfig()) -> torch.Tensor:
+               config: GPTQConfig = GPTQConfig(), rate: RateTerm | None = None) -> torch.Tensor:
     """Codes [R, C] (int8) for weights w [R, C] on the fixed grid scale_full [R, C] (each weight's scale); `qmax` an
     int or one per row [R]. Rows are independent given H, so several grids of one tensor (or tensors sharing a
-    Hessian) go through one call as stacked rows: the per-column loop is paid once."""
+    Hessian) go through one call as stacked rows: the per-column loop is paid once. `rate`: rate-aware rounding
+    (RateTerm; one int qmax)."""
+    if rate is not None:
+        if isinstance(qmax, torch.Tensor) or rate.code_bits.numel() != 2 * qmax + 1:
+            raise SqueezeError(f"gptq: a rate term needs one int qmax and 2·qmax + 1 code lengths, got qmax {qmax} "
+                               f"and {rate.code_bits.numel()}")
+        code_bits = rate.code_bits.to(config.device, torch.float64)
     if isinstance(qmax, torch.Tensor):
         qmax = qmax.to(config.device, torch.float64)
     w = w.to(config.device, torch.float64, copy=True)
@@ -80,7 +96,10 @@ def gptq_codes(w: torch.Tensor, scale_full: torch.Tensor, qmax, hessian: torch.T
         for s in range(0, b - a, SUB):
             e = min(s + SUB, b - a)
             for i in range(s, e):
-                q = torch.clamp(torch.round(block[i] / scale_t[a + i]), -qmax, qmax)  # qmax: int or [R]
+                if rate is None:
+                    q = torch.clamp(torch.round(block[i] / scale_t[a + i]), -qmax, qmax)  # qmax: int or [R]
+                else:
+                    q = _rate_aware(block[i], scale_t[a + i], h_block[i, i], qmax, code_bits, rate.lam)
                 codes_t[a + i] = q
                 err = (block[i] - q * scale_t[a + i]) / h_block[i, i]
                 block[i + 1:e] -= h_block[i, i + 1:e, None] * err[None, :]
@@ -89,6 +108,16 @@ def gptq_codes(w: torch.Tensor, scale_full: torch.Tensor, qmax, hessian: torch.T
         w_t[b:] -= h_inv[a:b, b:].T @ errors
     codes = codes_t.T
     return codes[:, torch.argsort(perm)].to("cpu", torch.int8)
+
+
+def _rate_aware(w: torch.Tensor, scale: torch.Tensor, u: torch.Tensor, qmax: int, code_bits: torch.Tensor,
+                lam: float) -> torch.Tensor:
+    """One column's codes under a RateTerm: the cheapest of floor, ceil and 0 in distortion + lam × bits."""
+    x = w / scale
+    low = torch.clamp(torch.floor(x), -qmax, qmax)
+    candidates = torch.stack([low, torch.clamp(low + 1, -qmax, qmax), torch.zeros_like(low)])
+    cost = ((w - candidates * scale) / u).square() + lam * code_bits[(candidates + qmax).long()]
+    return candidates.gather(0, cost.argmin(0, keepdim=True))[0]
 
 
 def refine(e, hessian: torch.Tensor, config: GPTQConfig):
