@@ -17,7 +17,6 @@ the rank correlation of the prediction with each (verify --mirror does the same 
 """
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -46,14 +45,6 @@ def mean_loss(run, windows: torch.Tensor, batch: int = 16) -> float:
         total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
         count += w[:, 1:].numel()
     return total / count
-
-
-def slot(params: dict, name: str) -> torch.Tensor:
-    """The parameter `name`, or a view of slice i for `bank[i]`."""
-    if name in params:
-        return params[name]
-    m = re.fullmatch(r"(.+)\[(\d+)\]", name)
-    return params[m.group(1)].reshape(-1, *params[m.group(1)].shape[-2:])[int(m.group(2))]
 
 
 def main():
@@ -101,8 +92,8 @@ def main():
         if e.plan is None or not e.plan.reason.startswith("budget") or e.name not in state.sensitivities:
             continue
         w = quant.as_matrix(e.tensor).float()
-        p = slot(params, e.name)
-        new = slot({k: v.float() for k, v in decoded.items()}, e.name)
+        p = budget_vs_record.slot(params, e.name)
+        new = budget_vs_record.slot({k: v.float() for k, v in decoded.items()}, e.name)
         h = state.hessian_of(e)[0]
         error = w - quant.as_matrix(new)
         predicted = state.sensitivities[e.name] * (lowrank.output_error(error, h) if h is not None
@@ -129,6 +120,11 @@ def main():
     whole = {k: v.float() for k, v in decoded.items()}
     model_q = build(whole, "decoded").eval()
     total = mean_loss(models.logits_fn(model_q, None, args.model), windows) - base
+    total_even = float("nan")
+    if args.mirror:  # the whole artifact's even part: beside the single tensors' sum, the interactions' share
+        flipped = {k: 2 * v.float() - whole[k] for k, v in sd.items()}
+        model_m = build(flipped, "mirrored").eval()
+        total_even = (total + mean_loss(models.logits_fn(model_m, None, args.model), windows) - base) / 2
     print(f"\nbase val loss {base:.5f} nats/token")
     print(f"{'tensor':<34} {'grid':<22} {'numel':>8} {'rel mse':>9} {'predicted':>10} {'measured':>10} {'ratio':>7}"
           + (f" {'even':>10} {'odd':>10} {'even/pred':>9}" if args.mirror else ""))
@@ -138,7 +134,8 @@ def main():
               + (f" {even:>+10.5f} {measured - even:>+10.5f} {even / predicted:>9.2f}" if args.mirror else ""))
     print(f"sum of single-tensor: predicted {sum(r[4] for r in rows):+.5f}, measured {sum(r[5] for r in rows):+.5f}"
           + (f", even {sum(r[6] for r in rows):+.5f}" if args.mirror else "")
-          + f"; whole artifact measured {total:+.5f} (allocator's prediction {state.predicted_loss:+.5f})")
+          + f"; whole artifact measured {total:+.5f}" + (f", even {total_even:+.5f}" if args.mirror else "")
+          + f" (allocator's prediction {state.predicted_loss:+.5f})")
     predicted = [r[4] for r in rows]
     print(f"rank correlation with the prediction over {len(rows)} tensors: measured {spearman(predicted, [r[5] for r in rows]):+.2f}"
           + (f", even part {spearman(predicted, [r[6] for r in rows]):+.2f}" if args.mirror else ""))
