@@ -26,7 +26,8 @@ the even part of its drift ((L(W+E) + L(W−E))/2 − L(W), E = Ŵ − W) is wha
 anchor and the targets use it. On these small checkpoints the odd part (the validation gradient along E) is of either
 sign per error pattern and up to many times the curvature a quantizer controls (bench/drift_attribution.py
 --mirror), so the measured drift of one artifact ranks nothing below a few thousandths of a bit. The targets are
-printed for the measured drift too.
+printed for the measured drift too. Each row also shows the allocator's loss model applied to its decoded weights
+("predicted", nats/token: predicted_loss_of), to tell a mispriced allocation from a weaker quantizer.
 """
 import argparse
 import os

@@ -241,4 +241,5 @@ class Verifier:
             val_files=tuple(shard_paths(self.val)), max_tokens=self.max_tokens, tokenizer=str(self.tokenizer),
             byte_source=self.bytes_from, mirrored=mirror_score)
 
+
 __all__ = ["verify", "Verifier", "VerifyResult", "Score", "ByteSource"]

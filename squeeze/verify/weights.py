@@ -7,8 +7,6 @@ import importlib.util
 import tempfile
 from pathlib import Path
 
-import torch
-
 from .. import decoder
 from ..errors import FormatError, SqueezeError
 from ..loader import read_artifact
