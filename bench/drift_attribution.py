@@ -32,6 +32,7 @@ from squeeze.data import read_shard  # noqa: E402
 from squeeze.passes import lowrank  # noqa: E402
 from squeeze.recipe import parse  # noqa: E402
 from squeeze.verify import models  # noqa: E402
+from squeeze.verify.weights import mirrored  # noqa: E402
 import budget_vs_record  # noqa: E402
 
 
@@ -89,13 +90,14 @@ def main():
     windows = torch.stack([stream[i * args.seq_len:(i + 1) * args.seq_len + 1] for i in range(n)]).long()
     base = mean_loss(run, windows)
 
+    whole = {k: v.float() for k, v in decoded.items()}  # every tensor decoded, float32: once, not per tensor
     rows = []
     for e in state.entries:
         if e.plan is None or not e.plan.reason.startswith("budget") or e.name not in state.sensitivities:
             continue
         w = quant.as_matrix(e.tensor).float()
         p = budget_vs_record.slot(params, e.name)
-        new = budget_vs_record.slot({k: v.float() for k, v in decoded.items()}, e.name)
+        new = budget_vs_record.slot(whole, e.name)
         h = state.hessian_of(e)[0]
         error = w - quant.as_matrix(new)
         predicted = state.sensitivities[e.name] * (lowrank.output_error(error, h) if h is not None
@@ -119,13 +121,11 @@ def main():
         print(f"  {e.name:<34} {grid:<22} rel.mse {rel:.2e} predicted {predicted:+.5f} measured {measured:+.5f}"
               + (f" even {even:+.5f}" if args.mirror else ""), flush=True)
 
-    whole = {k: v.float() for k, v in decoded.items()}
     model_q = build(whole, "decoded").eval()
     total = mean_loss(models.logits_fn(model_q, None, args.model), windows) - base
     total_even = float("nan")
     if args.mirror:  # the whole artifact's even part: beside the single tensors' sum, the interactions' share
-        flipped = {k: 2 * v.float() - whole[k] for k, v in sd.items()}
-        model_m = build(flipped, "mirrored").eval()
+        model_m = build(mirrored(sd, whole), "mirrored").eval()
         total_even = (total + mean_loss(models.logits_fn(model_m, None, args.model), windows) - base) / 2
     print(f"\nbase val loss {base:.5f} nats/token")
     print(f"{'tensor':<34} {'grid':<22} {'numel':>8} {'rel mse':>9} {'predicted':>10} {'measured':>10} {'ratio':>7}"
