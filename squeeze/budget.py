@@ -29,8 +29,11 @@ only if it fits).
 The result is never over the budget; SqueezeError when even the narrowest grids do not fit.
 """
 import dataclasses
+import math
 
-from . import compiler, parallel, pipeline
+import torch
+
+from . import compiler, parallel, pipeline, quant
 from .errors import SqueezeError
 from .passes import allocate, encode, gptq
 from .recipe import Recipe
@@ -49,22 +52,68 @@ class BudgetState:
     gptq_memo: dict = dataclasses.field(default_factory=dict)  # gptq.memo_key -> (codes, method, note)
     loss_memo: dict = dataclasses.field(default_factory=dict)  # allocate.predicted_loss's, across rounds
     encode_memo: dict = dataclasses.field(default_factory=dict)  # byte compressors' outputs (EncodeConfig.memo)
+    even_loss: object = None  # measured.EvenLoss: measures coarse grids (None: they keep the quadratic price)
+    measured: dict = dataclasses.field(default_factory=dict)  # name -> {option_key: (predicted, measured ΔL)}
+    report: object = lambda line: None  # takes one line (compile_to_budget's `progress`)
 
     def options(self) -> dict:
-        """Each tensor's hull: its screened candidates, those GPTQ has re-priced replaced by their GPTQ prices."""
-        return {name: allocate.lower_hull([self.refined[name].get(allocate.grid_of(o), o) for o in hull]
-                                          + self.corrections.get(name, []))
-                if name in self.refined else hull for name, hull in self.screened.items()}
+        """Each tensor's hull: its screened candidates, those GPTQ has re-priced replaced by their GPTQ prices, and
+        those priced on a measurement (`measured_prices`)."""
+        out = {}
+        for name, hull in self.screened.items():
+            points = self.modelled(name)
+            if name in self.measured:
+                points = measured_prices(points, self.measured[name], self.config.measure_bits)
+            out[name] = allocate.lower_hull(points) if points is not hull else hull
+        return out
+
+    def modelled(self, name: str) -> list:
+        """The tensor's candidates priced by the quadratic model alone: screened, or re-priced on GPTQ's codes."""
+        hull = self.screened[name]
+        if name not in self.refined:
+            return hull
+        return [self.refined[name].get(allocate.grid_of(o), o) for o in hull] + self.corrections.get(name, [])
+
+
+def option_key(o: allocate.Option) -> tuple:
+    """What identifies a stored candidate of one tensor: its grid and correction rank."""
+    return o.bits, o.clip_k, o.group, o.rank
+
+
+def measured_prices(points: list, measured: dict, coarse_bits: int) -> list:
+    """`points` (one tensor's Options) with the measurements `measured` ({option_key: (predicted, measured ΔL)})
+    folded in. A measured candidate costs the larger of the two: prices are only raised, never lowered, because one
+    calibration batch's figure is noisy and a grid priced below its model would be chosen on that noise alone. A
+    coarse candidate (`coarse_bits` or fewer) not yet measured takes the ratio measured at the tensor's candidate
+    nearest to it in predicted loss, when that ratio is above 1: the same grid with another correction rank, or the
+    next clip, fails the quadratic model by about as much (measured on the benchmark checkpoints), so the loop does
+    not visit each of them in turn before it learns that. Finer grids keep the model's price."""
+    ratios = sorted((predicted, even / predicted) for predicted, even in measured.values() if predicted > 0)
+    out = []
+    for o in points:
+        if o.keep_float or o.bits > coarse_bits:
+            out.append(o)
+        elif option_key(o) in measured:
+            predicted, even = measured[option_key(o)]
+            out.append(dataclasses.replace(o, loss=max(o.loss, even), measured=even))
+        elif ratios and o.loss > 0:
+            _, ratio = min(ratios, key=lambda pr: (abs(math.log(pr[0] / o.loss)), pr[0]))
+            out.append(dataclasses.replace(o, loss=o.loss * ratio) if ratio > 1 else o)
+        else:
+            out.append(o)
+    return out
 
 
 def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, sensitivities: dict,
                       hessians: dict | None = None, code_bytes: int = 0, log=None, max_rounds: int = 8,
                       device: str = "cpu", allocate_config: allocate.AllocateConfig | None = None,
                       calibration_skips: dict | None = None, strict_calib: bool = False,
-                      progress=None) -> compiler.CompileResult:
+                      progress=None, even_loss=None) -> compiler.CompileResult:
     """The artifact with the lowest predicted loss whose size plus `code_bytes` (the user's code and decoder) is at
     most `budget_bytes`. `allocate_config`: the candidates (default: the recipe's [budget] table); `progress`: a
-    callable taking one line per round."""
+    callable taking one line per round; `even_loss` (a measured.EvenLoss, `Calibration.even_loss`): grids of
+    `measure_bits` or fewer are priced on their loss measured with it; without one they keep the quadratic model's
+    price, and a line says so when the allocation ends up with one."""
     planned = State(entries=compiler.entries_from_state_dict(state_dict), recipe=recipe, hessians=hessians or {},
                     sensitivities=sensitivities, device=device, calibration_skips=calibration_skips or {},
                     strict_calib=strict_calib)
@@ -72,11 +121,13 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
         planned = fn(planned, config)
     budget = price(planned, allocate_config or allocate.AllocateConfig.from_recipe(recipe),
                    budget_bytes - code_bytes)
+    budget.even_loss = even_loss
     fast = _rounds_recipe(recipe, planned)
 
     def report(line: str):
         if progress is not None:
             progress(line)
+    budget.report = report
 
     # the trial: the cheapest candidate everywhere tells what the rest of the artifact costs
     state, blob, spent = attempt(budget, 0.0, fast or recipe, predict=False, log=log, trial=True)
@@ -106,7 +157,8 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
                 report(f"final coder: {len(more_blob) + code_bytes:,} B")
                 if len(blob) < len(more_blob) <= budget.target:
                     state, blob = more, more_blob
-    return compiler.CompileResult(blob=blob, state=state)
+    measured, warnings = measurements(budget, state)
+    return compiler.CompileResult(blob=blob, state=state, measured=tuple(measured), warnings=tuple(warnings))
 
 
 TOLERANCE = 0.001  # rans rounds stop within 0.1% under the target
@@ -204,21 +256,87 @@ def choose(budget: BudgetState, pool: float) -> dict:
 def attempt(budget: BudgetState, pool: float, recipe: Recipe, predict: bool, log=None, trial: bool = False) -> tuple:
     """(final state, artifact bytes, the allocator's estimate of what the decided tensors take) of one round. The
     trial round (`trial`) takes the cheapest candidate everywhere with round-to-nearest codes: it only measures
-    what the rest of the artifact costs."""
-    if trial:
-        options = budget.options()
-        chosen = {name: hull[0] for name, hull in options.items()}
-    else:
-        chosen = choose(budget, pool)
+    what the rest of the artifact costs. Other rounds measure the coarse grids they chose (`measure_new`) and
+    allocate again until every chosen coarse grid is priced on its measurement."""
     gptq_config = gptq.GPTQConfig.from_recipe(recipe, budget.planned.device)
-    configs = {"allocate": allocate.Allocation(chosen, round_to_nearest=trial,
-                                               lowrank_spec=budget.config.lowrank_spec),
-               "gptq": dataclasses.replace(gptq_config, memo=budget.gptq_memo),
-               "encode": dataclasses.replace(encode.EncodeConfig.from_recipe(recipe), memo=budget.encode_memo)}
-    state = pipeline.run(dataclasses.replace(budget.planned, recipe=recipe), log=log, after="plan", configs=configs)
+    planned = dataclasses.replace(budget.planned, recipe=recipe)
+    while True:
+        if trial:
+            chosen = {name: hull[0] for name, hull in budget.options().items()}
+        else:
+            chosen = choose(budget, pool)
+        configs = {"allocate": allocate.Allocation(chosen, round_to_nearest=trial,
+                                                   lowrank_spec=budget.config.lowrank_spec),
+                   "gptq": dataclasses.replace(gptq_config, memo=budget.gptq_memo),
+                   "encode": dataclasses.replace(encode.EncodeConfig.from_recipe(recipe), memo=budget.encode_memo)}
+        state = pipeline.run(planned, log=log, after="plan", configs=configs, until="lowrank")
+        if trial or not measure_new(budget, state, chosen):
+            break
+    state = pipeline.run(state, log=log, after="lowrank", configs=configs)
     if predict:  # the prediction is header meta, so it is in the bytes the budget counts
-        state = dataclasses.replace(state, predicted_loss=allocate.predicted_loss(state, budget.loss_memo))
+        measured = {name: o.measured for name, o in chosen.items() if o.measured is not None}
+        state = dataclasses.replace(state, predicted_loss=allocate.predicted_loss(state, budget.loss_memo, measured))
     return state, compiler.write(state), sum(o.bytes for o in chosen.values())
+
+
+def coarse(budget: BudgetState, o: allocate.Option) -> bool:
+    """Whether the budget prices this candidate on a measurement: a grid of `measure_bits` or fewer."""
+    return not o.keep_float and o.bits <= budget.config.measure_bits
+
+
+def measure_new(budget: BudgetState, state: State, chosen: dict) -> bool:
+    """Measure ΔL_even of the chosen coarse grids not measured yet, on their errors as `state` stores them (GPTQ's
+    codes, low-rank corrections and all), and record them in `budget.measured`; whether there were any (then the
+    prices changed and the allocation must be made again)."""
+    if budget.even_loss is None:
+        return False
+    todo = {}
+    for e in state.stored_entries():
+        o = chosen.get(e.name)
+        if o is None or not coarse(budget, o) or option_key(o) in budget.measured.get(e.name, {}):
+            continue
+        w = quant.as_matrix(e.tensor)
+        w_hat = quant.dequantize(e.codes, e.scales, e.plan.quant.group, torch.float32, w.shape, e.lowrank)
+        copies = [a.name for a in state.entries if a.alias_of == e.name and not a.transposed]
+        error = (w_hat - w).reshape(e.tensor.shape)
+        todo[e.name] = (o, [(e.name, error)] + [(name, error) for name in copies])
+    if not todo:
+        return False
+    even = budget.even_loss({name: targets for name, (_, targets) in todo.items()})
+    for name, (o, _) in sorted(todo.items()):
+        predicted = next(p.loss for p in budget.modelled(name) if option_key(p) == option_key(o) and not p.keep_float)
+        budget.measured.setdefault(name, {})[option_key(o)] = (predicted, even[name])
+        budget.report(f"measured {name} {describe(o)}: ΔL {even[name]:+.2e}, the quadratic model {predicted:.2e} "
+                      f"({even[name] / predicted:.1f}x)")
+    return True
+
+
+def describe(o: allocate.Option) -> str:
+    """A candidate in a few characters: int2 k1.5 g128 r1."""
+    return f"int{o.bits} k{o.clip_k:g}" + (f" g{o.group}" if o.group else "") + (f" r{o.rank}" if o.rank else "")
+
+
+def measurements(budget: BudgetState, state: State) -> tuple[list, list]:
+    """([{name, grid, predicted, measured}] of the stored grids priced on a measurement, [warnings]): a line when
+    coarse grids were chosen that nothing could measure (no calibration model), so their price is the quadratic
+    model's, which can be several times too low (squeeze/measured.py)."""
+    rows, blind = [], []
+    for e in state.stored_entries():
+        if e.plan is None or e.plan.scheme != "int" or not e.plan.reason.startswith("budget"):
+            continue
+        q = e.plan.quant
+        key = (q.bits, q.clip_value, q.group, e.plan.lowrank_rank)
+        if key in budget.measured.get(e.name, {}):
+            predicted, even = budget.measured[e.name][key]
+            rows.append({"name": e.name, "grid": describe(allocate.Option(*key[:2], 0, 0, rank=key[3],
+                                                                          group=key[2])),
+                         "predicted": predicted, "measured": even})
+        elif q.bits <= budget.config.measure_bits:
+            blind.append(e.name)
+    warnings = [f"budget: {len(blind)} grid(s) of {budget.config.measure_bits} bits or fewer priced on the quadratic "
+                f"model alone (no calibration model to measure them on; it can be several times too low): "
+                f"{', '.join(blind)}"] if blind else []
+    return rows, warnings
 
 
 def _coders(recipe: Recipe, planned: State, codes_only: bool = False) -> set:

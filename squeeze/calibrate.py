@@ -31,6 +31,8 @@ class Calibration:
     source: str             # what the tokens were, for the log
     skipped: dict = field(default_factory=dict)  # parameter name -> why no product gave it a Hessian (operands.py)
     thin: dict = field(default_factory=dict)  # key -> (rows, columns): Hessians of fewer rows than columns
+    even_loss: object = None  # measured.EvenLoss on the sensitivities' batch (with sensitivities): the budget
+    #                           measures its coarse grids with it (squeeze/budget.py)
 
     def warnings(self) -> list:
         """One line when some Hessians are rank-deficient (_thin_warning)."""
@@ -215,6 +217,8 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, devic
     `sensitivity_method`, on the first FISHER_SEQUENCES windows).
     `forward`: what turns a batch of ids into logits (default: the module); `names`: the checkpoint's tensor names
     (default: the model's own), which Hessians and sensitivities are keyed by."""
+    from . import measured
+
     model = model.to(device).eval()
     batches = [tokens[i:i + batch_size] for i in range(0, tokens.shape[0], batch_size)]
     sums = gram_sums(model, batches, device, forward=forward, names=names, progress=progress)
@@ -226,8 +230,9 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, devic
     sens = sensitivities(model, probe, list(sensitivity_names), device=device, forward=forward,
                          checkpoint_names=names, progress=progress,
                          method=sensitivity_method) if sensitivity_names else {}
+    even = measured.of_logits(model, forward or model, probe, names, device) if sensitivity_names else None
     return Calibration(hessians=hessians, sensitivities=sens, sequences=tokens.shape[0], tokens=tokens.numel(),
-                       source=source, skipped=skipped, thin=sums.thin())
+                       source=source, skipped=skipped, thin=sums.thin(), even_loss=even)
 
 
 def _has_any(hessians: dict, name: str) -> bool:
@@ -450,7 +455,7 @@ def probe(params: dict, names: list, loss, noise: float = PROBE_NOISE, progress=
     g = torch.Generator(device="cpu").manual_seed(0)
     out = {}
     for name in names:
-        p = _tensor_of(params, name)
+        p = tensor_of(params, name)
         if p is None:
             continue
         sigma = noise * float(p.detach().float().std())
@@ -476,7 +481,7 @@ def floored(raw: dict) -> dict:
     return {name: max(v, floor) for name, v in raw.items()}
 
 
-def _tensor_of(params: dict, name: str):
+def tensor_of(params: dict, name: str):
     """The parameter `name`, or for `bank[i]` a view of slice i of parameter `bank` (in-place edits reach it)."""
     if name in params:
         return params[name].data

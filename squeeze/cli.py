@@ -128,7 +128,8 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
         rounds = (lambda line: click.echo(f"  {line}", err=True)) if verbose or sys.stderr.isatty() else None
         result = compile_to_budget(state_dict, recipe, budget, sensitivities=calibration.sensitivities,
                                    hessians=hessians, code_bytes=code_bytes, log=log, device=device,
-                                   calibration_skips=skips, strict_calib=strict_calib, progress=rounds)
+                                   calibration_skips=skips, strict_calib=strict_calib, progress=rounds,
+                                   even_loss=calibration.even_loss)
     else:
         memory.keep_large_blocks_mapped()  # freed tensor-sized blocks go back to the OS (squeeze/memory.py)
         result = compile_state_dict(state_dict, recipe, log=log, hessians=hessians, device=device,
@@ -137,6 +138,7 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
     write_atomically(output, result.blob, check=check_artifact)
     methods = methods_of(result.state)
     total, warnings = len(result.blob) + code_bytes, calibration.warnings() if calibration is not None else []
+    warnings += result.warnings
     if budget is None and total > CHALLENGE_LIMIT:
         warnings.append(f"artifact {len(result.blob):,} B + code {code_bytes:,} B = {total:,} B exceeds the "
                         f"challenge's {CHALLENGE_LIMIT:,} B; compile with --budget {CHALLENGE_LIMIT}")
@@ -147,7 +149,8 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
             "calibration": None if calibration is None else {
                 "source": calibration.source, "hessians": len(hessians), "gptq": _gptq_count(methods),
                 "quantized_matrices": len(methods)},
-            "code_bytes": code_bytes, "total_bytes": total, "warnings": warnings, "matrices": methods}, indent=1))
+            "code_bytes": code_bytes, "total_bytes": total, "warnings": warnings, "matrices": methods,
+            "measured": list(result.measured)}, indent=1))
         return
     if verbose and calibration is not None:
         for m in methods:
@@ -159,6 +162,10 @@ def compile(checkpoint, recipe_path, output, verbose, calib, calib_self, calib_t
         if not verbose:
             for m in fallbacks:
                 click.echo(f"  {m['name']}: {m['why']}")
+    if result.measured:
+        click.echo(f"budget: {len(result.measured)} coarse grid(s) priced on their loss measured on calibration text:")
+        for m in result.measured:
+            click.echo(f"  {m['name']} {m['grid']}: ΔL {m['measured']:+.2e}, quadratic model {m['predicted']:.2e}")
     click.echo(f"{output}: {len(result.blob):,} bytes, {len(state_dict)} tensors, {params:,} params, "
                f"{8 * len(result.blob) / max(params, 1):.3f} bits/param (recipe {recipe.name})")
     for w in warnings:

@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 class CompileResult:
     blob: bytes
     state: State            # the final compiler state: plans, codes, sections, the pass log
+    measured: tuple = ()    # a budget's grids priced on their measured loss: {name, grid, predicted, measured}
+    warnings: tuple = ()    # one line each: what the compile could not do as asked (a budget's unmeasured grids)
 
 
 def entries_from_state_dict(state_dict: dict) -> tuple:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import calibrate, compiler, parallel
+from . import calibrate, compiler, measured, parallel
 from .budget import budget_names, compile_to_budget
 from .errors import SqueezeError
 from .recipe import Recipe
@@ -55,6 +55,7 @@ class ExportResult:
     warnings: list              # one line each: early stop, over the limit, fallbacks
     state: object = None        # the compiler's final State
     is_main: bool = True        # rank 0 (or a single process)
+    measured: tuple = ()        # a budget's coarse grids priced on their measured loss (CompileResult.measured)
 
     @property
     def total_bytes(self) -> int:
@@ -67,6 +68,8 @@ class ExportResult:
                  f"gptq {gptq} of {len(self.matrices)} quantized matrices; calibration {self.calibration.source}; "
                  f"{t.get('calibration', 0):.1f} s calibration, {t.get('sensitivities', 0):.1f} s sensitivities, "
                  f"{t.get('compile', 0):.1f} s compile"]
+        lines += [f"squeeze: measured {m['name']} {m['grid']}: ΔL {m['measured']:+.2e}, quadratic model "
+                  f"{m['predicted']:.2e}" for m in self.measured]
         return "\n".join(lines + [f"squeeze: warning: {w}" for w in self.warnings])
 
 
@@ -90,28 +93,30 @@ def export(model: nn.Module, batches, path: str | os.PathLike | None = None, *, 
         if stopped:
             warnings.append(stopped)
         warnings += cal.warnings()
-        measured = {}
+        sens = {}
         if budget is not None:
             t0 = time.perf_counter()
             targets = budget_names(model.state_dict(), recipe or Recipe())
-            measured, fallback = _sensitivities(model, cal.batches, run, names, targets, progress and rank == 0,
-                                                sensitivities)
+            sens, fallback = _sensitivities(model, cal.batches, run, names, targets, progress and rank == 0,
+                                            sensitivities)
             if fallback:
                 warnings.append(fallback)
             seconds["sensitivities"] = time.perf_counter() - t0
+        state_dict = {k: v.detach() for k, v in model.state_dict().items()}
+        t0 = time.perf_counter()
+        common = dict(hessians=cal.hessians, device=_device_of(model), calibration_skips=cal.skipped,
+                      strict_calib=strict_calib)
+        recipe = recipe or Recipe()
+        if budget is not None:
+            log = (lambda line: print(f"squeeze: {line}", flush=True)) if progress and rank == 0 else None
+            # the model stays in eval mode here: the budget measures its coarse grids' loss with it
+            result = compile_to_budget(state_dict, recipe, budget, sensitivities=sens, code_bytes=code_bytes,
+                                       progress=log, even_loss=_even_loss(model, cal.batches, run, names), **common)
+            warnings += result.warnings
+        else:
+            result = compiler.compile_state_dict(state_dict, recipe, **common)
     finally:
         model.train(was_training)
-    state_dict = {k: v.detach() for k, v in model.state_dict().items()}
-    t0 = time.perf_counter()
-    common = dict(hessians=cal.hessians, device=_device_of(model), calibration_skips=cal.skipped,
-                  strict_calib=strict_calib)
-    recipe = recipe or Recipe()
-    if budget is not None:
-        log = (lambda line: print(f"squeeze: {line}", flush=True)) if progress and rank == 0 else None
-        result = compile_to_budget(state_dict, recipe, budget, sensitivities=measured,
-                                   code_bytes=code_bytes, progress=log, **common)
-    else:
-        result = compiler.compile_state_dict(state_dict, recipe, **common)
     seconds["compile"] = time.perf_counter() - t0
     matrices = compiler.methods_of(result.state)
     fallbacks = [m for m in matrices if m["method"] != "gptq"]
@@ -132,6 +137,7 @@ def export(model: nn.Module, batches, path: str | os.PathLike | None = None, *, 
         if world > 1:
             torch.distributed.barrier()  # the file exists for every rank when export returns
     return ExportResult(blob=result.blob, path=written, code_bytes=code_bytes, calibration=cal, matrices=matrices,
+                        measured=result.measured,
                         seconds=seconds, warnings=warnings, state=result.state, is_main=rank == 0)
 
 
@@ -283,11 +289,29 @@ def _sensitivities(model, batches, run, names, targets, show, method) -> tuple[d
 def _loss(out, batch) -> float:
     """The model's loss on `batch`: its output when that is a scalar (a record's forward(ids, targets)), else the
     cross-entropy of the logits against the targets (the pair's second item, or the inputs shifted by one)."""
-    if out.dim() == 0:
-        return float(out)
+    total, tokens = _summed_loss(out, batch)
+    return total / tokens
+
+
+def _summed_loss(out, batch) -> tuple[float, int]:
+    """(`_loss` × its tokens, tokens): the sum measured.EvenLoss adds up over units of different lengths."""
     if isinstance(batch, (tuple, list)) and len(batch) > 1:
-        logits, targets = out, batch[1].to(out.device)
+        targets = batch[1]
+        logits = out if out.dim() else None
     else:
-        ids = batch.to(out.device)
-        logits, targets = out[:, :-1], ids[:, 1:]
-    return float(nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten()))
+        ids = _inputs(batch)
+        targets = ids[:, 1:]
+        logits = out[:, :-1] if out.dim() else None
+    tokens = targets.numel()
+    if logits is None:  # a forward that returns its own (mean) loss
+        return float(out) * tokens, tokens
+    targets = targets.to(logits.device)
+    return float(nn.functional.cross_entropy(logits.double().flatten(0, 1), targets.flatten(), reduction="sum")), tokens
+
+
+def _even_loss(model, batches, run, names) -> measured.EvenLoss:
+    """The budget's measure of coarse grids (squeeze/measured.py) on the first sequence of each of this rank's
+    calibrated batches (the Fisher's units), gathered across ranks as the Fisher's terms are."""
+    units = [calibrate.rows_of(b)[0] for b in batches]
+    return measured.EvenLoss(calibrate.checkpoint_parameters(model, names), units,
+                             lambda unit: _summed_loss(run(unit), unit))

@@ -31,11 +31,12 @@ def passes_for(recipe: Recipe, device: str = "cpu", until: str | None = None) ->
     return passes
 
 
-def run(state: State, log=None, after: str | None = None, configs: dict | None = None) -> State:
-    """Run every pass (those after the one named `after`, when given); `configs` ({pass name: config}) replaces the
-    recipe's configs of those passes (the budget loop's allocation and GPTQ memo); `log` (a callable taking a
-    PassRecord) sees each pass as it finishes (the CLI's --verbose)."""
-    passes = passes_for(state.recipe, state.device)
+def run(state: State, log=None, after: str | None = None, configs: dict | None = None,
+        until: str | None = None) -> State:
+    """Run every pass (those after the one named `after`, when given, and up to the one named `until`); `configs`
+    ({pass name: config}) replaces the recipe's configs of those passes (the budget loop's allocation and GPTQ memo);
+    `log` (a callable taking a PassRecord) sees each pass as it finishes (the CLI's --verbose)."""
+    passes = passes_for(state.recipe, state.device, until=until)
     if after is not None:
         passes = passes[[name for name, _, _ in passes].index(after) + 1:]
     for name, fn, config in passes:

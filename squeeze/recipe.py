@@ -11,7 +11,8 @@
     codec = "brotli"
     [budget]                   # optional: what compile --budget may choose per matrix (passes/allocate.py)
     bits_choices = [4, 5, 6]   # also clip_k_choices, group_choices ([] for per-row scales only), lowrank_ranks,
-    float_option = false       # float_option (may a tensor stay f16)
+    float_option = false       # float_option (may a tensor stay f16), measure_bits (grids this narrow are priced
+                               # on their loss measured on calibration text, 2 by default; 0: never)
     [roles]                    # optional: roles for names classify's name rules miss (a bank "w_bank" -> mlp)
     attention = ["qo_bank", "kv_bank"]
     [[rules]]                  # ordered; the first rule whose `match` (and `role`, if given) fits a tensor wins
@@ -113,6 +114,7 @@ class BudgetSettings:
     lowrank_bits_v: int = 4
     lowrank_group: int = 64
     float_option: bool = True      # may a tensor stay f16
+    measure_bits: int = 2          # grids this narrow or narrower are priced on their measured loss; 0: never
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,7 @@ _BUDGET = {                                                            # BudgetS
     "lowrank_bits_v": _int_in(2, 8),
     "lowrank_group": _field(int, lambda v: v >= 0, "expected an integer >= 0"),
     "float_option": _field(bool),
+    "measure_bits": _int_in(0, 8),
 }
 _TABLES = ("defaults", "keep_float", "encode", "gptq", "roles", "budget")
 _TOP_KEYS = {"name", "description", "rules", *_TABLES}

@@ -67,6 +67,7 @@ class AllocateConfig:
     lowrank_bits_u: int = BudgetSettings.lowrank_bits_u     # how the corrections' factors are stored
     lowrank_bits_v: int = BudgetSettings.lowrank_bits_v
     lowrank_group: int = BudgetSettings.lowrank_group
+    measure_bits: int = BudgetSettings.measure_bits         # grids this narrow are priced on a measurement
 
     @property
     def lowrank_spec(self) -> FactorSpec:
@@ -86,6 +87,8 @@ class Option:
     rank: int = 0           # of the low-rank correction (0: none)
     group: int = 0          # scale group (0: one scale per row)
     keep_float: bool = False  # stored f16, not quantized (bits, clip_k, rank, group unused)
+    measured: float | None = None  # ΔL_even measured on calibration text (squeeze/measured.py), when `loss` is
+    #                                priced from a measurement (budget.BudgetState.options)
 
 
 @dataclass(frozen=True)
@@ -344,20 +347,22 @@ def allocate(options: dict, pool_bytes: float) -> dict:
     return {name: options[name][i] for name, i in choice.items()}
 
 
-def predicted_loss(state: State, memo: dict | None = None) -> float:
+def predicted_loss(state: State, memo: dict | None = None, measured: dict | None = None) -> float:
     """The loss increase the allocated tensors' final codes predict: sensitivity × the output-weighted error
     tr(E H Eᵀ) / (R·tr H) of what is actually stored (GPTQ's codes, low-rank corrections and all), which scores white
     noise at its variance as the sensitivity probe does; the plain mean squared error without a Hessian. The options
     were predicted from round-to-nearest errors, which GPTQ then improves on, so this is the figure to compare with
     what verify measures. `memo`: each tensor's loss by how it was stored, for calls on states of one budget compile
-    (the same tensor, Hessian and GPTQ results, so the same storage gives the same codes)."""
-    total, memo = 0.0, {} if memo is None else memo
+    (the same tensor, Hessian and GPTQ results, so the same storage gives the same codes). `measured`: {name: ΔL
+    measured on calibration text} of tensors whose stored grid was measured (squeeze/budget.py); each counts the
+    larger of the two figures, as the allocator priced it."""
+    total, memo, measured = 0.0, {} if memo is None else memo, measured or {}
     for e in state.entries:
         if e.plan is None or not e.plan.reason.startswith("budget") or e.name not in state.sensitivities:
             continue
         key = (e.name, e.plan.scheme, e.plan.store, e.plan.quant, e.plan.lowrank_rank, e.method_used)
         if key in memo:
-            total += memo[key]
+            total += max(memo[key], measured.get(e.name, memo[key]))
             continue
         w = quant.as_matrix(e.tensor)
         if e.plan.scheme == "float":
@@ -365,7 +370,7 @@ def predicted_loss(state: State, memo: dict | None = None) -> float:
         else:
             w_hat = quant.dequantize(e.codes, e.scales, e.plan.quant.group, torch.float32, w.shape, e.lowrank)
         memo[key] = state.sensitivities[e.name] * lowrank.output_error(w - w_hat, state.hessian_of(e)[0])
-        total += memo[key]
+        total += max(memo[key], measured.get(e.name, memo[key]))
     return total
 
 
@@ -397,7 +402,8 @@ def check_sensitivities(state: State):
 
 def plan_of(plan: Plan, o: Option, round_to_nearest: bool = False, lowrank_spec: FactorSpec = FactorSpec()) -> Plan:
     """The tensor's plan with the chosen candidate (`lowrank_spec`: how a correction's factors are stored)."""
-    reason = f"budget: ~{o.bytes:,.0f} B, predicted ΔL {o.loss:.2e}"
+    reason = f"budget: ~{o.bytes:,.0f} B, predicted ΔL {o.loss:.2e}" + \
+        (f" (measured {o.measured:+.2e})" if o.measured is not None else "")
     if o.keep_float:
         return Plan(scheme="float", store="f16", codec=plan.codec, reason=reason)
     spec = dataclasses.replace(plan.quant, bits=o.bits, clip="std", clip_value=o.clip_k, group=o.group)
