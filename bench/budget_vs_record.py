@@ -31,7 +31,6 @@ printed for the measured drift too. Each row also shows the allocator's loss mod
 """
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
@@ -162,16 +161,17 @@ def main():
     print(f"{'pipeline':<34} {'bytes':>11} {'bits/p':>7} {'val_bpb':>9} {'drift':>9} {'95% bootstrap':>20} "
           + (f"{'even':>9} {'95% bootstrap':>20} " if mirror else "") + f"{'predicted':>9} {'compile s':>8}")
     rows, budget_recipe = [], parse(BUDGET_RECIPE, "budget")
+    budget_inputs = dict(sensitivities=cal.sensitivities, hessians=cal.hessians, even_loss=cal.even_loss)
     if not args.skip_legacy:
         blob, s = timed(lambda: squeeze.compile(sd, parse(record_recipe(12.85), "record"), cal.hessians))
         record = measure("record-style k=12.85 (GPTQ, brotli)", blob, s)
         rows.append(record)
         res, s = timed(lambda: squeeze.compile_to_budget(sd, budget_recipe, record["bytes"],
-                                                           sensitivities=cal.sensitivities, hessians=cal.hessians))
+                                                           **budget_inputs))
         same_bytes = measure("squeeze --budget (record's bytes)", res.blob, s)
         rows.append(same_bytes)
         res, s = timed(lambda: squeeze.compile_to_budget(sd, budget_recipe, record["bytes"],
-                                                           sensitivities=cal.sensitivities, hessians=cal.hessians,
+                                                           **budget_inputs,
                                                            allocate_config=allocate.AllocateConfig(
                                                                lowrank_ranks=(4, 8, 16, 32))))
         rows.append(measure("squeeze --budget, with low-rank", res.blob, s))
@@ -208,12 +208,16 @@ def main():
     rows += anchors
     strongest = min(anchors, key=lambda r: r[stat])
     res, s = timed(lambda: squeeze.compile_to_budget(sd, budget_recipe, strongest["bytes"],
-                                                       sensitivities=cal.sensitivities, hessians=cal.hessians))
+                                                       **budget_inputs))
     at_anchor = measure("squeeze --budget (anchor's bytes)", res.blob, s)
     rows.append(at_anchor)
+    # the same without measured prices of coarse grids (the quadratic model alone), to show what they change
+    res, s = timed(lambda: squeeze.compile_to_budget(sd, budget_recipe, strongest["bytes"],
+                                                       **dict(budget_inputs, even_loss=None)))
+    rows.append(measure("  (anchor's bytes, unmeasured)", res.blob, s))
     # the second target's point, measured rather than read off the curve between its points
     res, s = timed(lambda: squeeze.compile_to_budget(sd, budget_recipe, int(0.75 * strongest["bytes"]),
-                                                       sensitivities=cal.sensitivities, hessians=cal.hessians))
+                                                       **budget_inputs))
     rows.append(measure("squeeze --budget (0.75 x anchor's)", res.blob, s))
     uniform_gptq = []  # per width, the k with the lowest drift
     for bits, ks in UNIFORM_GPTQ_K.items():
@@ -228,7 +232,7 @@ def main():
         budget = int(bpp * params / 8)
         try:
             res, s = timed(lambda: squeeze.compile_to_budget(sd, budget_recipe, budget,
-                                                               sensitivities=cal.sensitivities, hessians=cal.hessians))
+                                                               **budget_inputs))
         except squeeze.SqueezeError as e:
             print(f"squeeze --budget {bpp} bits/param: {e}")
             continue
@@ -277,21 +281,13 @@ def main():
         print(f"wrote {args.png}")
 
 
-def slot(params: dict, name: str) -> torch.Tensor:
-    """The tensor `name`, or a view of slice i for `bank[i]`."""
-    if name in params:
-        return params[name]
-    m = re.fullmatch(r"(.+)\[(\d+)\]", name)
-    return params[m.group(1)].reshape(-1, *params[m.group(1)].shape[-2:])[int(m.group(2))]
-
-
 def predicted_loss_of(sd: dict, decoded: dict, cal) -> float:
     """The allocator's loss model applied to any decoded weights: Σ sensitivity × tr(E H Eᵀ)/(R·tr H) over the
     matrices and bank slices calibration measured (nats/token; allocate.predicted_loss for a compile's own state).
     Beside a row's even part it tells a mispriced model from a weaker quantizer."""
     total = 0.0
     for name, sensitivity in cal.sensitivities.items():
-        w, w_hat = (slot(d, name).float() for d in (sd, decoded))
+        w, w_hat = (calibrate.tensor_of(d, name).float() for d in (sd, decoded))
         total += sensitivity * lowrank.output_error(quant.as_matrix(w - w_hat), cal.hessians.get(name))
     return total
 

@@ -90,10 +90,13 @@ def main():
     budget_recipe = BUDGET_RECIPE if args.lowrank_ranks is None else \
         BUDGET_RECIPE + f"[budget]\nlowrank_ranks = [{args.lowrank_ranks}]\n"
     res = squeeze.compile_to_budget(sd, parse(budget_recipe, "budget"), budget, sensitivities=cal.sensitivities,
-                                     hessians=cal.hessians, log=log, device=args.device)
+                                     hessians=cal.hessians, log=log, device=args.device,
+                                     even_loss=cal.even_loss)
     timings["compile --budget"] = time.perf_counter() - t
     print(f"  {len(res.blob):,} bytes in {timings['compile --budget']:.1f} s (the passes above: one block per "
-          f"budget round)", flush=True)
+          f"budget round); {len(res.measured)} coarse grid(s) kept on a measured price"
+          + (f", {cal.even_loss.calls} measured in {cal.even_loss.seconds:.1f} s" if cal.even_loss else ""),
+          flush=True)
 
     print("\nphase                  seconds")
     for name, seconds in timings.items():

@@ -74,7 +74,7 @@ def main():
                                     device="cpu", with_sensitivities=True, model=args.model,
                                     model_config=args.model_config)
     res = squeeze.compile_to_budget(sd, parse(recipe, "budget"), args.bytes, sensitivities=cal.sensitivities,
-                                    hessians=cal.hessians)
+                                    hessians=cal.hessians, even_loss=cal.even_loss)
     decoded = squeeze.load(res.blob)
     state = res.state
     print(f"{args.ckpt}: budget {args.bytes:,} -> {len(res.blob):,} bytes; predicted loss "
@@ -96,8 +96,8 @@ def main():
         if e.plan is None or not e.plan.reason.startswith("budget") or e.name not in state.sensitivities:
             continue
         w = quant.as_matrix(e.tensor).float()
-        p = budget_vs_record.slot(params, e.name)
-        new = budget_vs_record.slot(whole, e.name)
+        p = calibrate.tensor_of(params, e.name)
+        new = calibrate.tensor_of(whole, e.name)
         h = state.hessian_of(e)[0]
         error = w - quant.as_matrix(new)
         predicted = state.sensitivities[e.name] * (lowrank.output_error(error, h) if h is not None

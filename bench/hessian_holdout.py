@@ -24,7 +24,6 @@ import squeeze  # noqa: E402
 from squeeze import calibrate, quant  # noqa: E402
 from squeeze.checkpoint import load_checkpoint  # noqa: E402
 from squeeze.passes import lowrank  # noqa: E402
-from budget_vs_record import slot  # noqa: E402
 
 
 def main():
@@ -54,7 +53,7 @@ def main():
         print(f"{path}: output error under the calibration Hessian ({args.calib_tokens:,} tokens), and its ratio "
               f"under {args.more_tokens:,} training tokens' and the validation text's")
         for name in sorted(calib):
-            error = quant.as_matrix(slot(sd, name).float() - slot(decoded, name).float())
+            error = quant.as_matrix(calibrate.tensor_of(sd, name).float() - calibrate.tensor_of(decoded, name).float())
             c, m, v = (lowrank.output_error(error, h[name]) for h in (calib, more, val))
             print(f"  {name:<30} {c:.3e}   more/calib {m / c:5.2f}   val/calib {v / c:5.2f}")
 

@@ -115,7 +115,7 @@ def main():
             t = time.perf_counter()
             out = squeeze.compile_to_budget(sd, parse(BUDGET_RECIPE, "budget"), len(res.blob),
                                             sensitivities=cal.sensitivities, hessians=cal.hessians,
-                                            allocate_config=allocate_config(variant))
+                                            even_loss=cal.even_loss, allocate_config=allocate_config(variant))
             measure(f"squeeze --budget ({variant})", out.blob, time.perf_counter() - t)
         scratch.unlink()
 

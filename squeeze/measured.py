@@ -42,8 +42,8 @@ class EvenLoss:
 
     def __call__(self, errors: dict) -> dict:
         """{name: ΔL_even per token} for `errors` {name: [(tensor name, E), ...]}: each name's errors are applied
-        together (a tensor and a separate copy of it the model also uses), E shaped like its tensor. A tensor name
-        is a checkpoint name or `bank[i]`, slice i of an N-D one."""
+        together (a tensor, then its aliases: copies of it the model may also use), E shaped like its tensor. A
+        tensor name is a checkpoint name or `bank[i]`, slice i of an N-D one."""
         t0 = time.perf_counter()
         names = sorted(errors)
         with torch.no_grad():
@@ -51,7 +51,7 @@ class EvenLoss:
                 self._base = [self.loss_of(u) for u in self.units]
             rows = [[0.0] * len(names) for _ in self.units]
             for j, name in enumerate(names):
-                targets = [(self._tensor(t), e) for t, e in errors[name]]
+                targets = self._targets(errors[name])
                 saved = [view.clone() for view, _ in targets]
                 try:
                     for sign in (1.0, -1.0):
@@ -71,11 +71,17 @@ class EvenLoss:
         self.calls += len(names)
         return out
 
-    def _tensor(self, name: str) -> torch.Tensor:
-        view = calibrate.tensor_of(self.params, name)
-        if view is None:
-            raise SqueezeError(f"{name}: the calibration model has no such tensor to measure a grid's loss on")
-        return view
+    def _targets(self, pairs: list) -> list:
+        """[(the model's tensor, E)] of `pairs`: the first must exist; a later one (an alias of the first, which a
+        model may hold as a separate copy) is skipped where the model lacks it or it is the first's own memory."""
+        out = []
+        for i, (name, e) in enumerate(pairs):
+            view = calibrate.tensor_of(self.params, name)
+            if view is None and i == 0:
+                raise SqueezeError(f"{name}: the calibration model has no such tensor to measure a grid's loss on")
+            if view is not None and not any(v.data_ptr() == view.data_ptr() for v, _ in out):
+                out.append((view, e))
+        return out
 
 
 def of_logits(model: torch.nn.Module, run: Callable, tokens: torch.Tensor, names=None, device="cpu") -> EvenLoss:

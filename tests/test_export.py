@@ -23,6 +23,7 @@ from test_operands import banked_gpt
 RECIPE = parse('[defaults]\nbits = 5\nclip = "std"\nclip_std_k = 5.0\n[encode]\ncodec = "zlib"\n'
                '[[rules]]\nmatch = "tok_emb.weight"\nbits = 6\nclip_std_k = 8.0\n', "export-test.toml")
 BUDGET = 2_000_000
+LOW_BUDGET = 1_820_000  # low enough for int2 grids on some MLP slices, which the budget then measures
 CODE = [__file__, 3000]  # this file's bytes and 3,000 reserved, counted against BUDGET
 # what export says of one batch of 2 x 64 rows: fewer than the MLP's 512 columns (and the attention's 256)
 THIN_ONE_BATCH = ("calibration: 25 Hessian(s) from fewer rows than their matrix has columns (fewest: mlp_down_bank[0], "
@@ -144,6 +145,18 @@ def test_two_gloo_ranks_sum_their_hessians_and_split_gptq(tmp_path, exported):
     # the Hessians are rounded to float32 after the sum and the Fisher terms summed in a canonical order, so the
     # dealing of batches to ranks changes no bit of the artifact
     assert out.read_bytes() == single.blob and len(single.blob) <= BUDGET
+    # a budget that measures its coarse grids: each rank measures its own units, and the terms summed in a canonical
+    # order give the one-process figures and artifact
+    model, _ = banked_model()
+    low = squeeze.export(model, calibration_batches(), None, recipe=RECIPE, budget=LOW_BUDGET, code=CODE,
+                         progress=False)
+    assert low.measured and not any("quadratic model alone" in w for w in low.warnings)
+    ranks = torch.load(str(out) + ".low.pt", weights_only=True)["measured"]
+    assert [(m["name"], m["grid"], m["measured"]) for m in ranks] == \
+        [(m["name"], m["grid"], m["measured"]) for m in low.measured]  # measured: the same bits
+    # (the model's price is computed with the ranks' one thread against this process's two: last bits may differ)
+    assert [m["predicted"] for m in ranks] == pytest.approx([m["predicted"] for m in low.measured], rel=1e-6)
+    assert (tmp_path / "ranks.sqz.low").read_bytes() == low.blob
 
 
 @pytest.mark.slow

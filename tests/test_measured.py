@@ -51,7 +51,7 @@ def test_even_loss_is_the_antithetic_mean_and_restores_the_weights(model, tokens
     for delta in (error, -error, torch.zeros_like(error)):
         moved = GPT.from_state_dict({**model.state_dict(), NAME: w + delta}).eval()
         by_hand.append(loss_per_token(moved, tokens))
-    assert even == pytest.approx((by_hand[0] + by_hand[1]) / 2 - by_hand[2], rel=1e-6)
+    assert even == pytest.approx((by_hand[0] + by_hand[1]) / 2 - by_hand[2], rel=1e-5)
     assert even > 0
 
 
@@ -121,3 +121,24 @@ def test_budget_prices_every_coarse_grid_it_keeps_on_its_measurement(fixture_sd)
     modelled = allocate.predicted_loss(result.state)
     lifted = sum(max(0.0, m["measured"] - m["predicted"]) for m in result.measured)
     assert lifted > 0 and header == pytest.approx(modelled + lifted, rel=0.02)
+
+
+@pytest.mark.slow
+def test_cli_budget_reports_its_measured_grids(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from squeeze.cli import main
+    from conftest import CKPT
+    recipe = tmp_path / "b.toml"
+    recipe.write_text('[defaults]\nbits = 6\nclip = "std"\nclip_std_k = 6.4\n[keep_float]\nmax_numel = 4096\n'
+                      '[encode]\ncodec = "rans"\n[[rules]]\nmatch = "tok_emb.weight"\nbits = 8\nclip_std_k = 10.0\n')
+    out = tmp_path / "m.sqz"
+    args = ["compile", str(CKPT), "-o", str(out), "--recipe", str(recipe), "--budget", "560000", "--calib-self", "4",
+            "--calib-seq-len", "128"]
+    result = CliRunner().invoke(main, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["measured"] and not report["warnings"]
+    for m in report["measured"]:
+        assert m["grid"].startswith("int2 ") and m["measured"] > 0 and m["predicted"] > 0
