@@ -31,8 +31,8 @@ class Calibration:
     source: str             # what the tokens were, for the log
     skipped: dict = field(default_factory=dict)  # parameter name -> why no product gave it a Hessian (operands.py)
     thin: dict = field(default_factory=dict)  # key -> (rows, columns): Hessians of fewer rows than columns
-    even_loss: object = None  # measured.EvenLoss on the sensitivities' batch (with sensitivities): the budget
-    #                           measures its coarse grids with it (squeeze/budget.py)
+    # measured.EvenLoss on the sensitivities' batch (with sensitivities): the budget measures its coarse grids with it
+    even_loss: object = field(default=None, compare=False, repr=False)
 
     def warnings(self) -> list:
         """One line when some Hessians are rank-deficient (_thin_warning)."""

@@ -28,7 +28,7 @@ from . import calibrate, parallel
 from .errors import SqueezeError
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: it holds the model's tensors
 class EvenLoss:
     """Measures ΔL_even of weight errors on `units` (this rank's calibration batches), `loss_of(unit)` giving the
     model's (summed cross-entropy in nats, tokens) on one. `params`: the model's tensors by checkpoint name
