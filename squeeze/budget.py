@@ -139,7 +139,12 @@ def compile_to_budget(state_dict: dict, recipe: Recipe, budget_bytes: int, *, se
                            f"allows is {len(blob):,} bytes (+{code_bytes:,} of code)")
     rounds = Rounds(budget, fast or recipe, log, code_bytes, budget_bytes, report, max_rounds - 1,
                     estimate=fast is not None, quick="rans" in _coders(recipe, planned, codes_only=True))
-    fitted = rounds.fit(budget.target - (len(blob) - spent), budget.target)
+    try:
+        fitted = rounds.fit(budget.target - (len(blob) - spent), budget.target)
+    except allocate.PoolTooSmall as e:  # GPTQ's codes of the narrowest grids cost more than the trial's rounding
+        raise SqueezeError(f"budget {budget_bytes:,} bytes is too small: with GPTQ's codes the smallest artifact this "
+                           f"recipe allows is about {len(blob) - spent + e.needed:,.0f} bytes (+{code_bytes:,} of "
+                           f"code)") from None
     if fitted is None:
         raise SqueezeError(f"budget {budget_bytes:,}: no allocation fitted after {max_rounds} rounds")
     state, blob, pool = fitted
@@ -183,9 +188,18 @@ class Rounds:
         best, over = None, None  # the largest fitting (state, blob, pool); the smallest pool that overshot
         margin = self.tolerance * target / 2  # aim at the middle of the band that ends the rounds, not its edge
         pool -= margin
+        floor = None  # the narrowest grids' bytes, once a pool below them was asked for
         while self.left > 0:
             self.left -= 1
-            state, blob, _ = attempt(self.budget, pool, self.recipe, predict=True, log=self.log)
+            try:
+                state, blob, _ = attempt(self.budget, pool, self.recipe, predict=True, log=self.log)
+            except allocate.PoolTooSmall as e:
+                # GPTQ's codes of the narrowest grids can cost more than the trial's rounding said: try them alone
+                # once; when even they overshoot, the budget is too small (compile_to_budget says by how much)
+                if floor is not None and e.needed <= floor:
+                    raise
+                pool = floor = e.needed
+                continue
             self.sizes[pool] = len(blob)
             self.report(f"budget round: {len(blob) + self.code_bytes:,} B (target {self.budget_bytes:,})"
                         + (" (rans estimate)" if self.estimate else ""))

@@ -319,13 +319,21 @@ def lower_hull(points: list) -> list:
     return hull
 
 
+class PoolTooSmall(SqueezeError):
+    """The narrowest candidates of the allocated tensors take more than the pool (`needed` > `pool` bytes)."""
+
+    def __init__(self, needed: float, pool: float, message: str):
+        super().__init__(message)
+        self.needed, self.pool = needed, pool
+
+
 def allocate(options: dict, pool_bytes: float) -> dict:
     """{name: chosen Option} minimising Σ loss with Σ bytes ≤ pool (greedy by loss saved per byte; ties by name)."""
     choice = {name: 0 for name in options}
     used = sum(opts[0].bytes for opts in options.values())
     if used > pool_bytes:
-        raise SqueezeError(f"budget too small: the allocated tensors need at least {used:,.0f} bytes, the budget "
-                           f"leaves {pool_bytes:,.0f} for them")
+        raise PoolTooSmall(used, pool_bytes, f"budget too small: the allocated tensors need at least {used:,.0f} "
+                           f"bytes, the budget leaves {pool_bytes:,.0f} for them")
     heap = []
 
     def push(name):
